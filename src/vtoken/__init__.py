@@ -1,0 +1,21 @@
+"""vtoken: training-free visual-token reduction for vision transformers and vision-language models."""
+
+from __future__ import annotations
+
+from .api import methods, reduce
+from .core import SIGNALS, Reduction, resolve_keep
+from .methods import MethodInfo, get_method, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+           "SIGNALS",
+           "MethodInfo",
+           "Reduction",
+           "__version__",
+           "get_method",
+           "methods",
+           "reduce",
+           "register",
+           "resolve_keep",
+]

@@ -1,0 +1,98 @@
+"""The method registry: one :class:`MethodInfo` per named method, filled by the :func:`register` decorator."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import SIGNALS
+
+STAGES = ("encoder", "pre_llm", "llm", "video")
+KINDS = ("prune", "merge", "cluster", "pool", "layout")
+
+_REGISTRY: dict[str, MethodInfo] = {}
+Fn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Metadata of a registered method.
+
+    ``fn(tokens [B, N, D], counts [B] long, *, mask [B, N] | None, **signals, **knobs) -> Reduction`` receives the
+    per-sample output counts already resolved from ``keep`` (``1 <= counts[b] <= valid tokens of b``).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    paper: str
+    venue: str
+    repo: str | None
+    stage: str
+    kind: str
+    signals: tuple[str, ...]
+    optional_signals: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    parity: bool = False
+    fixture: str | None = None
+    needs_keep: bool = True
+    exact: bool = True
+    signal_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: str = ""
+
+
+def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
+             signals: tuple[str, ...] = (), optional_signals: tuple[str, ...] = (), parity: bool = False,
+             fixture: str | None = None, needs_keep: bool = True, exact: bool = True,
+             signal_spec: dict[str, dict[str, Any]] | None = None) -> Callable[[Fn], Fn]:
+    """Register a method function under ``name`` with its paper metadata.
+
+    ``signals`` are required keyword signals (names from :data:`vtoken.core.SIGNALS`), ``optional_signals`` are
+    used when given. ``parity`` says whether golden fixtures from the official code are tested (``fixture`` names
+    their directory when it differs from ``name``). ``exact`` is False for adaptive methods whose output count is
+    decided by the method, at most the resolved ``keep`` per sample. ``needs_keep`` is False for methods that set
+    their own output count (e.g. an exact inverse). ``signal_spec`` tells model adapters how to collect each signal
+    the way the official code does (e.g. ``{"cls_attn": {"layer": -2}}``). Knob defaults are read from the
+    function's signature.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    for s in (*signals, *optional_signals):
+        if s not in SIGNALS:
+            raise ValueError(f"unknown signal {s!r} for method {name!r}; known: {sorted(SIGNALS)}")
+
+    def deco(fn: Fn) -> Fn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        params = inspect.signature(fn).parameters
+        defaults = {k: p.default for k, p in params.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+                    and k not in SIGNALS and k != "mask"}
+        doc = inspect.getdoc(fn) or ""
+        _REGISTRY[name] = MethodInfo(
+            name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
+            signals=tuple(signals), optional_signals=tuple(optional_signals), defaults=defaults, parity=parity,
+            fixture=fixture, needs_keep=needs_keep, exact=exact, signal_spec=dict(signal_spec or {}),
+            summary=doc.split("\n\n")[0].replace("\n", " "),
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodInfo:
+    """The registered method ``name``; a ``ValueError`` listing the known names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str), got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def all_methods() -> list[MethodInfo]:
+    """Every registered method, sorted by stage then name."""
+    return sorted(_REGISTRY.values(), key=lambda m: (STAGES.index(m.stage), m.name))
