@@ -1,0 +1,1 @@
+"""Benchmarking: synthetic signals, demo images, timing and reports (built on ``vtoken.reduce``)."""
