@@ -58,7 +58,7 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
     if name == "text":
         gen = torch.Generator().manual_seed(seed + 3)
         idx = torch.randint(0, n, (text_len,), generator=gen)
-        return (x[:, idx] + 0.1 * torch.randn(b, text_len, d, generator=gen).to(dev)).to(tokens.dtype)
+        return (x[:, idx] + 0.1 * torch.randn(text_len, d, generator=gen).to(dev)).to(tokens.dtype)
     if name == "text_mask":
         return torch.ones(b, text_len, dtype=torch.bool, device=dev)
     if name in ("crop_ids", "frame_ids"):

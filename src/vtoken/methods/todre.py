@@ -31,7 +31,8 @@ def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_
         metric: ``"cosine"`` (``1 - cos``, default) or ``"euclidean"``.
 
     The first center is the token nearest to the mean of the sample's real tokens (their mean direction for the
-    cosine metric); with no official code to follow, this deterministic, content-based seed is our choice. Each
+    cosine metric, compared at 1e-5 so exact ties go to the lowest index); with no official code to follow, this
+    deterministic, content-based seed is our choice. Each
     next center is the token farthest from its nearest center (Gonzalez' 2-approximation of the minimum covering
     radius), with an incremental min-distance vector: O(N * C) per step, batched over ``B``, no ``N x N`` matrix.
 
@@ -45,7 +46,9 @@ def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_
     w = torch.ones(feats.shape[:2], device=feats.device) if mask is None else mask.to(feats.dtype)
     base = l2_normalize(feats, 1e-12) if metric == "cosine" else feats
     mean = (base * w[..., None]).sum(1, keepdim=True) / w.sum(1).clamp(min=1)[:, None, None]
-    to_mean = point_distances(feats, mean, metric).squeeze(-1)
+    # rounded so that candidates tied in exact arithmetic (e.g. two tokens, equidistant from their mean) break by
+    # lowest index whatever the float rounding of a batched or single-sample run
+    to_mean = torch.round(point_distances(feats, mean, metric).squeeze(-1), decimals=5)
     if mask is not None:
         to_mean = to_mean.masked_fill(~mask, float("inf"))
     first = to_mean.argmin(dim=1)
