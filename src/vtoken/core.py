@@ -37,6 +37,9 @@ SIGNALS: dict[str, str] = {
     "cls_attn_layers": "[B, L, N] the same for L layers, shallow to deep.",
     "attn_logits": "[B, N] head-averaged PRE-softmax CLS->patch attention logits (q*scale @ k^T) of one layer.",
     "attn": "[B, N, N] head-averaged patch->patch attention probabilities of one layer (rows are queries).",
+    "attn_received_layers": ("[B, L, N] attention each visual token receives in L vision layers (shallow to deep): "
+                             "probabilities averaged over heads, then over ALL query rows (CLS row included), "
+                             "CLS column dropped."),
     "cls_q": "[B, H, d] per-head CLS query of one layer (for methods that rebuild attention themselves).",
     "keys": "[B, N, d] attention keys of one layer, averaged over heads (ToMe/VisionZip metric).",
     "vision_features": "[B, N, C] a second view of the same tokens (e.g. pre-projector CLIP features).",
@@ -165,7 +168,8 @@ def check_signal(name: str, value: Any, tokens: Tensor, method: str) -> Any:
     if value.dim() == 0 or value.shape[0] != b:
         raise ValueError(f"{where} must have batch size {b} first ({SIGNALS.get(name, '')}), got {tuple(value.shape)}")
     expect_n = {"cls_attn": 1, "attn_logits": 1, "attn": 1, "keys": 1, "vision_features": 1, "crop_ids": 1,
-                "frame_ids": 1, "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2}
+                "frame_ids": 1, "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2,
+                "attn_received_layers": 2}
     if name in expect_n:
         dim = expect_n[name]
         if value.dim() <= dim or value.shape[dim] != n:

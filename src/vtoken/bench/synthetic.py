@@ -47,7 +47,7 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
         return _saliency(tokens)
     if name == "attn_logits":
         return _saliency(tokens).log()
-    if name == "cls_attn_layers":
+    if name in ("cls_attn_layers", "attn_received_layers"):
         return torch.stack([_saliency(tokens, 1.0 + i) for i in range(layers)], dim=1)
     if name == "attn":
         return torch.softmax(x @ x.transpose(1, 2) / math.sqrt(d), dim=-1)
