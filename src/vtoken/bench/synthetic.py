@@ -77,6 +77,12 @@ def make_signals(info: MethodInfo, tokens: Tensor, *, grid: tuple[int, int] | No
     """Every signal ``info`` requires (and its optional ones when ``optional``), synthesised from ``tokens``."""
     names = list(info.signals) + (list(info.optional_signals) if optional else [])
     out = {name: make_signal(name, tokens, grid=grid, seed=seed) for name in names}
+    spec = info.signal_spec
+    text_space = spec.get("text", {}).get("space")
+    if "text" in out and text_space is not None and text_space == spec.get("vision_features", {}).get("space"):
+        # the method compares text with vision_features (e.g. CLIP's joint space): make the text in that space
+        feats = out.get("vision_features", make_signal("vision_features", tokens, seed=seed))
+        out["text"] = make_signal("text", feats, seed=seed)
     if "text" in out and "text_mask" not in names and "text_mask" in info.optional_signals:
         out["text_mask"] = make_signal("text_mask", tokens)
     return out
