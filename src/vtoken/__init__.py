@@ -5,17 +5,20 @@ from __future__ import annotations
 from .api import methods, reduce
 from .core import SIGNALS, Reduction, resolve_keep
 from .methods import MethodInfo, get_method, register
+from .models import Handle, apply
 
 __version__ = "0.1.0"
 
 __all__ = [
-           "SIGNALS",
-           "MethodInfo",
-           "Reduction",
-           "__version__",
-           "get_method",
-           "methods",
-           "reduce",
-           "register",
-           "resolve_keep",
+    "SIGNALS",
+    "Handle",
+    "MethodInfo",
+    "Reduction",
+    "__version__",
+    "apply",
+    "get_method",
+    "methods",
+    "reduce",
+    "register",
+    "resolve_keep",
 ]

@@ -25,10 +25,10 @@ def _layer(value: int, n_layers: int, name: str) -> int:
 
 @register("hiprune", paper="HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in "
           "Vision-Language Models", venue="arXiv 2025", repo="https://github.com/Danielement321/HiPrune",
-          stage="pre_llm", kind="prune", signals=("attn_received_layers",), optional_signals=("grid",), parity=True,
-          fixture="hiprune",
+          space="vision", stage="pre_llm", kind="prune", signals=("attn_received_layers",),
+          optional_signals=("grid",), parity=True, fixture="hiprune",
           signal_spec={"attn_received_layers": {
-              "layers": [8, -2],
+              "layers": [8, -2], "ref_depth": 24,
               "note": "0-based indices into the vision tower's per-layer attentions: the object layer (HiPrune's "
                       "OBJECT_LAYER=9, 1-based, for CLIP ViT-L/14) and LLaVA's select layer (-2); per layer the "
                       "softmax probabilities are averaged over heads, then over every query row including CLS, and "

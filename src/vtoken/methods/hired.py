@@ -15,9 +15,9 @@ from .registry import register
 
 @register("hired", paper="HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution "
                          "Vision-Language Models in Resource-Constrained Environments",
-          venue="AAAI 2025", repo="https://github.com/hasanar1f/HiRED", stage="pre_llm", kind="prune",
+          venue="AAAI 2025", repo="https://github.com/hasanar1f/HiRED", space="vision", stage="pre_llm", kind="prune",
           signals=("cls_attn",), parity=True, fixture="hired",
-          signal_spec={"cls_attn": {"layer": 22, "source": "qk", "heads": "mean",
+          signal_spec={"cls_attn": {"layer": 22, "ref_depth": 24, "source": "qk", "heads": "mean",
                                     "note": "per-head softmax(q k^T * head_dim**-0.5) of CLIP layer 22 (LLaVA-1.5), "
                                             "recomputed from hooked q_proj/k_proj; the official sum over heads "
                                             "ranks identically"}})

@@ -71,7 +71,8 @@ def pooling_weights(state: MergeState, real: Tensor, pooling: str) -> Tensor | N
 
 
 @register("mctf", paper="Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision Transformers",
-          venue="CVPR 2024", repo="https://github.com/mlvlab/MCTF", stage="encoder", kind="merge", signals=("attn",),
+          venue="CVPR 2024", repo="https://github.com/mlvlab/MCTF",
+          space="vision", stage="encoder", kind="merge", signals=("attn",),
           optional_signals=("sizes",), parity=True, fixture="mctf")
 def mctf(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, tau_sim: float = 1.0, tau_info: float = 20.0,

@@ -101,7 +101,8 @@ def merge_and_summarise(tokens: Tensor, keep_order: Tensor, valid: Tensor, cls_a
 
 
 @register("prumerge", paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models",
-          venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge", stage="pre_llm", kind="merge",
+          venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge",
+          space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), parity=True, fixture="prumerge", exact=False,
           signal_spec=PRUMERGE_SIGNAL_SPEC)
 def prumerge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,

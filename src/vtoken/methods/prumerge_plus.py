@@ -29,7 +29,8 @@ def _raster_positions(valid: Tensor, stride: Tensor, offset: Tensor) -> Tensor:
 
 @register("prumerge_plus", paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
                                  "(PruMerge+)",
-          venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge", stage="pre_llm", kind="merge",
+          venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge",
+          space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), optional_signals=("grid",), parity=True, fixture="prumerge_plus",
           exact=False, signal_spec=PRUMERGE_SIGNAL_SPEC)
 def prumerge_plus(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,

@@ -38,13 +38,14 @@ class MethodInfo:
     fixture: str | None = None
     needs_keep: bool = True
     exact: bool = True
+    space: str = "llm"
     signal_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: str = ""
 
 
 def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
              signals: tuple[str, ...] = (), optional_signals: tuple[str, ...] = (), parity: bool = False,
-             fixture: str | None = None, needs_keep: bool = True, exact: bool = True,
+             fixture: str | None = None, needs_keep: bool = True, exact: bool = True, space: str = "llm",
              signal_spec: dict[str, dict[str, Any]] | None = None) -> Callable[[Fn], Fn]:
     """Register a method function under ``name`` with its paper metadata.
 
@@ -54,10 +55,14 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     decided by the method, at most the resolved ``keep`` per sample. ``needs_keep`` is False for methods that set
     their own output count (e.g. an exact inverse). ``signal_spec`` tells model adapters how to collect each signal
     the way the official code does (e.g. ``{"cls_attn": {"layer": -2}}``). Knob defaults are read from the
-    function's signature.
+    function's signature. ``space`` is where the official code applies the method in a VLM: ``"vision"`` on the
+    vision tower's features before the projector (merging there differs from merging after it), ``"llm"`` on the
+    projected tokens the language model sees.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if space not in ("vision", "llm"):
+        raise ValueError(f"space must be 'vision' or 'llm', got {space!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     for s in (*signals, *optional_signals):
@@ -75,7 +80,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
             signals=tuple(signals), optional_signals=tuple(optional_signals), defaults=defaults, parity=parity,
-            fixture=fixture, needs_keep=needs_keep, exact=exact, signal_spec=dict(signal_spec or {}),
+            fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=dict(signal_spec or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "),
         )
         return fn

@@ -44,7 +44,7 @@ def finish(state: MergeState, tokens: Tensor, extras: dict) -> Reduction:
 
 
 @register("tome", paper="Token Merging: Your ViT But Faster", venue="ICLR 2023",
-          repo="https://github.com/facebookresearch/ToMe", stage="encoder", kind="merge",
+          repo="https://github.com/facebookresearch/ToMe", space="vision", stage="encoder", kind="merge",
           optional_signals=("keys", "sizes"), parity=True, fixture="tome")
 def tome(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, distill_token: bool = False,

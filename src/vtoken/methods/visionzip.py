@@ -39,7 +39,8 @@ def _first_argmax(x: Tensor) -> Tensor:
 
 
 @register("visionzip", paper="VisionZip: Longer is Better but Not Necessary in Vision Language Models",
-          venue="CVPR 2025", repo="https://github.com/dvlab-research/VisionZip", stage="pre_llm", kind="merge",
+          venue="CVPR 2025", repo="https://github.com/dvlab-research/VisionZip",
+          space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), parity=True, fixture="visionzip",
           signal_spec={"cls_attn": {"layer": -2, "source": "attn", "heads": "mean",
                                     "note": "CLS row of the layer's attention probabilities (official: head sum, "

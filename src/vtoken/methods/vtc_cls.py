@@ -14,7 +14,8 @@ from .registry import register
 
 
 @register("vtc_cls", paper="[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs",
-          venue="arXiv 2024 (2412.05819)", repo="https://github.com/THU-MIG/VTC-CLS", stage="pre_llm", kind="prune",
+          venue="arXiv 2024 (2412.05819)", repo="https://github.com/THU-MIG/VTC-CLS",
+          space="vision", stage="pre_llm", kind="prune",
           signals=("cls_attn_layers",), parity=True, fixture="vtc_cls",
           signal_spec={"cls_attn_layers": {"layers": "all", "source": "attn", "heads": "mean",
                                            "note": "every vision layer, shallow to deep; the method slices "

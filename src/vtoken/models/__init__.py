@@ -1,0 +1,63 @@
+"""One adapter per model family, and :func:`apply`, which patches one model instance with a method pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..methods import MethodInfo
+from .base import Adapter, Handle
+from .llava import LlavaAdapter
+from .pipeline import build_steps
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+__all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter"]
+
+
+def find_adapter(model: Any) -> type[Adapter]:
+    """The adapter class for ``model``; a ``TypeError`` listing the supported families otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls
+    known = ", ".join(f"{c.family} ({'/'.join(c.model_classes)})" for c in ADAPTERS)
+    raise TypeError(f"unsupported model {type(model).__name__}; vtoken.apply supports: {known}")
+
+
+def families_supporting(info: MethodInfo) -> list[str]:
+    """Families whose adapter can run ``info``."""
+    return [c.family for c in ADAPTERS if c.unsupported(info) is None]
+
+
+def apply(model: nn.Module, method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: int | float | None = None,
+          **kwargs: Any) -> Handle:
+    """Patch ``model`` (this instance only) so every forward with images reduces its visual tokens.
+
+    Args:
+        model: a supported Hugging Face VLM (see ``vtoken.models.ADAPTERS``).
+        method: a method name, or a list of names / ``(name, {knob: value, "keep": k})`` pairs, run in stage order.
+        keep: tokens kept per image, an ``int`` count or a ``float`` ratio (per method unless a pair overrides it).
+        **kwargs: method knobs, given to every listed method that accepts them.
+
+    Returns:
+        A :class:`Handle`: ``handle.remove()`` (or leaving a ``with`` block) restores the model exactly;
+        ``handle.last`` holds the reduction of the latest forward.
+    """
+    adapter_cls = find_adapter(model)
+    steps = build_steps(method, keep, kwargs)
+    for step in steps:
+        why = adapter_cls.unsupported(step.info)
+        if why is not None:
+            raise ValueError(f"method {step.info.name!r} cannot run on {type(model).__name__}: {why}")
+    adapter = adapter_cls(model, steps)
+    handle = Handle(model, adapter, steps)
+    try:
+        adapter.attach(handle)
+    except Exception:
+        adapter.detach()
+        raise
+    return handle

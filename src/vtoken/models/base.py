@@ -1,0 +1,378 @@
+"""The adapter contract and the machinery shared by every VLM family.
+
+An adapter patches ONE model instance: it wraps that instance's ``forward`` (an instance attribute, so other
+instances and the class stay untouched) and registers q/k hooks on the vision tower for the signals the methods
+need. On a prefill with images it encodes the images itself (the same ops as the model), runs the method pipeline
+on the visual tokens, splices the kept tokens into the input embeddings, drops the removed positions from the
+sequence (kept tokens keep their original position ids) and calls the model's own forward with ``inputs_embeds``.
+Decode steps only get their attention mask re-aligned to the shorter cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Reduction
+from ..methods import MethodInfo
+from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
+from .pipeline import Step, run_steps
+from .sequence import Compaction, compact
+
+
+@dataclass
+class Images:
+    """The visual tokens of one prefill.
+
+    Attributes:
+        tokens: ``[I, N, C]`` tokens of ``I`` images in ``space`` (``"vision"``: before the projector).
+        columns: ``[I, N]`` long, sequence column of each visual token's placeholder in its sample.
+        sample: ``[I]`` long, which batch row each image belongs to.
+        grid: ``(H, W)`` of the token grid.
+        project: maps vision-space tokens ``[I, K, C]`` to LLM space ``[I, K, D]``.
+    """
+
+    tokens: Tensor
+    columns: Tensor
+    sample: Tensor
+    grid: tuple[int, int] | None
+    project: Any
+    space: str = "vision"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Handle:
+    """What :func:`vtoken.apply` returns: ``remove()`` restores the model; usable as a context manager.
+
+    ``last`` is the composed :class:`~vtoken.core.Reduction` of the latest prefill (indices relative to each
+    image's visual tokens, one row per image), ``last.extras["steps"]`` the per-method reductions.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, steps: list[Step]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.steps = steps
+        self.last: Reduction | None = None
+        self.active = False
+
+    @property
+    def methods(self) -> list[str]:
+        return [s.info.name for s in self.steps]
+
+    def remove(self) -> None:
+        """Undo every patch on the model (idempotent)."""
+        if self.active:
+            self.adapter.detach()
+            self.active = False
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"<vtoken.Handle {self.adapter.family} {self.methods} {state}>"
+
+
+class Adapter:
+    """Base class of a model family's adapter. Subclasses set the class attributes and implement the hooks."""
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
+    #: signals the family can provide
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, model: nn.Module, steps: list[Step]) -> None:
+        self.model = model
+        self.steps = steps
+        self.handle: Handle | None = None
+        self.capture: QKCapture | None = None
+        self._installed: Any = None
+
+    # ---- capability -------------------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    @classmethod
+    def unsupported(cls, info: MethodInfo) -> str | None:
+        """Why this family cannot run ``info`` (``None`` when it can)."""
+        if info.stage not in cls.stages:
+            return f"stage {info.stage!r} is not supported on {cls.family} (supported: {', '.join(cls.stages)})"
+        missing = [s for s in info.signals if s not in cls.provides]
+        if missing:
+            return f"{cls.family} cannot provide the signal(s) {missing} that {info.name!r} needs"
+        if not info.needs_keep:
+            return f"{info.name!r} restores tokens and has no place inside a model"
+        if info.kind == "layout":
+            return (f"{info.name!r} changes the channel width (D x window^2); a language model needs trained layers "
+                    "to read such tokens")
+        return None
+
+    # ---- patching ---------------------------------------------------------------------------------------------
+    def attach(self, handle: Handle) -> None:
+        self.handle = handle
+        model = self.model
+        if "forward" in model.__dict__:
+            raise ValueError("this model instance already has a patched forward (another vtoken handle or wrapper); "
+                             "remove it first")
+        self._original = model.forward
+        self._signature = inspect.signature(self._original)
+        self._state: Compaction | None = None
+        self._next_position: Tensor | None = None
+        self.capture = self.make_capture()
+        if self.capture is not None:
+            self.capture.want(self.wanted_layers())
+            self.capture.attach()
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.forward(*args, **kwargs)
+
+        # generate() reads the signature: it must see the model's own arguments, less ``mm_encoder_outputs`` so that it
+        # hands pixels to this forward (images are encoded here, with the signal hooks) instead of pre-encoding them
+        params = [p for name, p in self._signature.parameters.items() if name != "mm_encoder_outputs"]
+        forward.__signature__ = self._signature.replace(parameters=params)  # type: ignore[attr-defined]
+        model.forward = forward
+        self._installed = forward
+        handle.active = True
+
+    def detach(self) -> None:
+        """Undo what :meth:`attach` did (only that: another patch on the instance is left alone)."""
+        if self._installed is not None and self.model.__dict__.get("forward") is self._installed:
+            del self.model.__dict__["forward"]
+        self._installed = None
+        if self.capture is not None:
+            self.capture.detach()
+            self.capture = None
+        self._state = None
+
+    # ---- family hooks -----------------------------------------------------------------------------------------
+    def make_capture(self) -> QKCapture | None:
+        """q/k hooks on the vision tower (``None`` when the family collects no attention signals)."""
+        return None
+
+    def wanted_layers(self) -> list[int]:
+        """Vision layers whose q/k the steps need."""
+        layers: set[int] = set()
+        for step in self.steps:
+            for name in (*step.info.signals, *step.info.optional_signals):
+                layers.update(self.signal_layers(step.info, name))
+        return sorted(layers)
+
+    def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
+        return []
+
+    def encode(self, kwargs: dict[str, Any]) -> Images:
+        raise NotImplementedError
+
+    def image_key(self) -> str:
+        return "pixel_values"
+
+    def positions(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
+        """Original position ids of the prefill: the caller's, or what the language model would compute."""
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"]
+        past = kwargs.get("past_key_values")
+        offset = past.get_seq_length() if past is not None else 0
+        b, length = input_ids.shape
+        return (torch.arange(length, device=input_ids.device) + offset).expand(b, length)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        kw = dict(bound.arguments)
+        kw.update(kw.pop("kwargs", {}) or {})
+        if kw.get("mm_encoder_outputs"):
+            raise ValueError("vtoken encodes images itself (to collect signals); pass pixel values, not "
+                             "mm_encoder_outputs, to a model patched by vtoken.apply")
+        kw.pop("mm_encoder_outputs", None)
+        if kw.get(self.image_key()) is None:
+            return self._original(**self.decode_inputs(kw))
+        return self._original(**self.prefill_inputs(kw))
+
+    def decode_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """Re-align a decode step's attention mask (original columns) to the compacted cache."""
+        state = self._state
+        mask = kw.get("attention_mask")
+        past = kw.get("past_key_values")
+        if state is None or past is None:
+            return kw
+        past_len = past.get_seq_length()
+        ids = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        q = ids.shape[1]
+        generated = past_len - state.new_length
+        if generated < 0:
+            return kw
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == state.length + generated + q:
+            kw["attention_mask"] = state.extend_mask(mask)
+        if kw.get("position_ids") is None and self._next_position is not None:
+            step = torch.arange(q, device=ids.device) + generated
+            kw["position_ids"] = self._next_position[:, None] + step[None, :]
+        return kw
+
+    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
+                             "image placeholder tokens")
+        images = self.encode(kw)
+        signals = self.collect_signals(images, kw)
+        red = run_steps(self.steps, images.tokens, signals, images.project, images.space)
+        assert self.handle is not None
+        self.handle.last = red
+        embeds = self.model.get_input_embeddings()(input_ids)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        image_rows = images.sample[:, None].expand_as(images.columns)
+        keep[image_rows, images.columns] = False
+        rows = images.sample[:, None].expand_as(red.indices)[red.mask]
+        cols = images.columns.gather(1, red.indices.clamp(min=0))[red.mask]
+        keep[rows, cols] = True
+        embeds = embeds.clone()
+        embeds[rows, cols] = red.tokens[red.mask].to(embeds.dtype)
+        return self.splice(kw, input_ids, embeds, keep)
+
+    def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
+        """Drop the removed columns and call the language model on ``inputs_embeds``."""
+        attention_mask = kw.get("attention_mask")
+        positions = self.positions(kw, input_ids)
+        comp = compact(keep, attention_mask)
+        removed = bool((comp.removed > 0).any())
+        kw = {k: v for k, v in kw.items() if k not in (self.image_key(), "input_ids", "image_sizes")}
+        kw["inputs_embeds"] = comp.take(embeds)
+        pos_dim = 2 if positions.dim() == 3 else 1
+        if removed or kw.get("position_ids") is not None:
+            kw["position_ids"] = comp.take(positions, fill=1, dim=pos_dim)
+        if removed or attention_mask is not None:
+            kw["attention_mask"] = comp.attention_mask.to(attention_mask.dtype if attention_mask is not None
+                                                          else torch.long)
+        if kw.get("labels") is not None:
+            kw["labels"] = comp.take(kw["labels"], fill=-100)
+        self._state = comp
+        last = positions if pos_dim == 1 else positions.amax(0)
+        self._next_position = last.amax(1) + 1
+        return kw
+
+    # ---- signals ----------------------------------------------------------------------------------------------
+    def collect_signals(self, images: Images, kw: dict[str, Any]) -> dict[str, Any]:
+        names: dict[str, MethodInfo] = {}
+        for step in self.steps:
+            for name in (*step.info.signals, *step.info.optional_signals):
+                names.setdefault(name, step.info)
+        out: dict[str, Any] = {}
+        for name, info in names.items():
+            value = self.signal(name, info, images, kw)
+            if value is not None:
+                out[name] = value
+            elif name in info.signals:
+                raise ValueError(f"{self.family} could not provide the signal {name!r} that {info.name!r} needs")
+        return out
+
+    def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
+        """One signal for the images (families override to add or substitute signals)."""
+        if name == "grid":
+            return images.grid
+        if name == "text":
+            return self.text_embeddings(kw, images)[0]
+        if name == "text_mask":
+            return self.text_embeddings(kw, images)[1]
+        return None
+
+    def text_embeddings(self, kw: dict[str, Any], images: Images) -> tuple[Tensor, Tensor]:
+        """Prompt text embeddings per image ``[I, T, D]`` and their mask ``[I, T]`` (non-image, non-padding)."""
+        cache = images.extra.get("text")
+        if cache is not None:
+            return cache
+        input_ids = kw["input_ids"]
+        is_text = ~self.image_token_mask(input_ids)
+        if kw.get("attention_mask") is not None:
+            is_text &= kw["attention_mask"].bool()
+        counts = is_text.sum(1)
+        t = max(int(counts.max()), 1)
+        order = torch.sort((~is_text).to(torch.int8), dim=1, stable=True).indices[:, :t]
+        valid = torch.arange(t, device=input_ids.device)[None, :] < counts[:, None]
+        emb = self.model.get_input_embeddings()(input_ids.gather(1, order))
+        emb = emb * valid[..., None].to(emb.dtype)
+        cache = (emb[images.sample], valid[images.sample])
+        images.extra["text"] = cache
+        return cache
+
+    def image_token_mask(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ClsTowerAdapter(Adapter):
+    """Families whose vision tower has a CLS token at position 0 and q/k projections per layer (CLIP-like)."""
+
+    provides = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "attn", "attn_received_layers", "keys",
+                          "vision_features", "text", "text_mask", "grid", "positions", "sizes"})
+    default_layer: int = -2
+
+    def qk_layers(self) -> list[QKLayer]:
+        raise NotImplementedError
+
+    def make_capture(self) -> QKCapture | None:
+        return QKCapture(self.qk_layers())
+
+    def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
+        """Vision layers for a signal from the method's ``signal_spec``. Non-negative indices given for a tower of
+        ``ref_depth`` layers (e.g. HiRED's layer 22 of CLIP ViT-L's 24) scale to this tower's depth."""
+        spec = info.signal_spec.get(name, {})
+        n = len(self.qk_layers())
+        ref = int(spec.get("ref_depth", n))
+
+        def scale(layer: Any) -> int:
+            layer = int(layer)
+            return layer if layer < 0 or ref == n else min(n - 1, round(layer * n / ref))
+
+        if name in ("cls_attn_layers",):
+            layers = spec.get("layers", "all")
+            return list(range(n)) if layers == "all" else [scale(v) for v in layers]
+        if name == "attn_received_layers":
+            return [scale(v) for v in spec.get("layers", [n // 3, self.default_layer])]
+        layer = spec.get("layer", self.default_layer)
+        return [self.default_layer if layer == "same" else scale(layer)]
+
+    def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
+        if name in ("cls_attn", "cls_attn_layers", "attn_logits", "attn", "attn_received_layers", "keys"):
+            return self.spec_layers(info, name)
+        return []
+
+    def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
+        cap = self.capture
+        assert cap is not None
+        spec = info.signal_spec.get(name, {})
+        if name in ("cls_attn", "attn_logits"):
+            q, k, layer = cap.qk(self.spec_layers(info, name)[0])
+            probs, logits = cls_rows(q, k, layer, full_width=spec.get("heads") == "full")
+            return probs if name == "cls_attn" else logits
+        if name == "cls_attn_layers":
+            return torch.stack([cls_rows(*cap.qk(i))[0] for i in self.spec_layers(info, name)], dim=1)
+        if name == "attn":
+            q, k, layer = cap.qk(self.spec_layers(info, name)[0])
+            return full_attention(q, k, layer)[:, 1:, 1:]
+        if name == "attn_received_layers":
+            return torch.stack([full_attention(*cap.qk(i)).mean(1)[:, 1:] for i in self.spec_layers(info, name)],
+                               dim=1)
+        if name == "keys":
+            q, k, layer = cap.qk(self.spec_layers(info, name)[0])
+            return mean_keys(k, layer)[:, 1:]
+        if name == "vision_features":
+            if spec.get("space") == "clip_joint":
+                # no CLIP text tower in a VLM: relevance to the prompt is measured in the LLM embedding space, so the
+                # visual side is the projected tokens (the text side is the prompt's token embeddings)
+                return images.project(images.tokens) if images.space == "vision" else images.tokens
+            return images.extra.get("vision_features", images.tokens)
+        if name == "positions":
+            return images.columns
+        return super().signal(name, info, images, kw)
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

@@ -1,0 +1,136 @@
+"""A composed list of methods (stage order) run on the visual tokens of a batch of images.
+
+Indices, ``assign`` and ``sizes`` of consecutive reductions are composed, so the final :class:`Reduction` speaks of
+the image's original visual tokens; per-token signals are gathered along with the kept tokens for later steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..api import reduce
+from ..core import SIGNALS, Reduction, gather_rows, resolve_keep
+from ..methods import STAGES, MethodInfo, get_method
+
+#: signals indexed by token along this dim (gathered when tokens are dropped); others pass through unchanged
+TOKEN_DIM = {"cls_attn": 1, "attn_logits": 1, "keys": 1, "vision_features": 1, "crop_ids": 1, "frame_ids": 1,
+             "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2, "attn_received_layers": 2}
+
+
+@dataclass
+class Step:
+    """One method of a pipeline with its ``keep`` and knobs."""
+
+    info: MethodInfo
+    keep: int | float | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def space(self) -> str:
+        return self.info.space
+
+
+def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: int | float | None,
+                kwargs: dict[str, Any]) -> list[Step]:
+    """Validate ``method`` (a name, or a list of names / ``(name, {knobs, keep})`` pairs) into stage-ordered steps.
+
+    ``keep`` and ``kwargs`` apply to every method that accepts them; a knob no method accepts is a ``TypeError``.
+    """
+    items = [method] if isinstance(method, str) else list(method)
+    if not items:
+        raise ValueError("method must name at least one method (a name or a list of names)")
+    steps: list[Step] = []
+    for item in items:
+        name, own = (item, {}) if isinstance(item, str) else item if isinstance(item, tuple) else (None, None)
+        if name is None or not isinstance(own, dict):
+            raise TypeError(f"method list entries must be names or (name, dict) pairs, got {item!r}")
+        info = get_method(name)
+        step_keep = own.pop("keep", keep) if own else keep
+        if info.needs_keep:
+            if step_keep is None:
+                raise ValueError(f"keep is required for method {info.name!r}: an int >= 1 or a float in (0, 1]")
+            resolve_keep(step_keep, 1)  # validates type and range, raises naming keep
+        params = inspect.signature(info.fn).parameters
+        knobs = {k: v for k, v in kwargs.items() if k in params}
+        for k in own:
+            if k not in params or k in SIGNALS or k == "mask":
+                raise TypeError(f"method {info.name!r} got an unexpected argument {k!r}; "
+                                f"knobs: {sorted(info.defaults)}")
+        knobs.update(own)
+        steps.append(Step(info, step_keep, knobs))
+    for k in kwargs:
+        if k in SIGNALS or k == "mask":
+            raise TypeError(f"{k!r} is a signal the model adapter collects itself; do not pass it to apply()")
+        if not any(k in inspect.signature(s.info.fn).parameters for s in steps):
+            raise TypeError(f"no method in {[s.info.name for s in steps]} accepts the argument {k!r}")
+    order = {"vision": 0, "llm": 1}
+    return sorted(steps, key=lambda s: (STAGES.index(s.info.stage), order.get(s.space, 1)))
+
+
+def _gather_signal(name: str, value: Any, red: Reduction) -> Any:
+    if name == "grid" or not isinstance(value, Tensor):
+        return None if name == "grid" else value
+    if name == "attn":
+        rows = gather_rows(value, red.indices, red.mask)
+        return gather_rows(rows.transpose(1, 2), red.indices, red.mask).transpose(1, 2)
+    dim = TOKEN_DIM.get(name)
+    if dim is None:
+        return value
+    if dim == 1:
+        return gather_rows(value, red.indices, red.mask)
+    return gather_rows(value.transpose(1, 2), red.indices, red.mask).transpose(1, 2)
+
+
+def _slot_map(red: Reduction, k_in: int) -> Tensor:
+    """``[I, k_in]``: the output slot each input slot of ``red`` went to (``-1`` if dropped)."""
+    if red.assign is not None:
+        return red.assign
+    b, k = red.indices.shape
+    out = torch.full((b, k_in), -1, dtype=torch.long, device=red.indices.device)
+    rows = torch.arange(b, device=out.device)[:, None].expand(b, k)
+    slots = torch.arange(k, device=out.device).expand(b, k)
+    out[rows[red.mask], red.indices[red.mask]] = slots[red.mask]
+    return out
+
+
+def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
+              project: Callable[[Tensor], Tensor] | None = None, space: str = "llm") -> Reduction:
+    """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"llm"`` after).
+
+    ``project`` maps vision-space tokens to the LLM space; it runs once, before the first LLM-space step (or at the
+    end).
+    Returns the composed :class:`Reduction` whose ``tokens`` are in the LLM space.
+    """
+    i, n = tokens.shape[:2]
+    index = torch.arange(n, device=tokens.device).expand(i, n)
+    slot = index.clone()
+    mask: Tensor | None = None
+    valid = torch.ones(i, n, dtype=torch.bool, device=tokens.device)
+    merged, sizes, history = False, None, []
+    x, sig = tokens, dict(signals)
+    for step in steps:
+        if step.space == "llm" and space == "vision":
+            x, space = project(x), "llm"
+        needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
+        red = reduce(x, step.keep, step.info.name, mask=mask, **needed, **step.kwargs)
+        history.append(red)
+        inner = _slot_map(red, x.shape[1])
+        slot = torch.where(slot >= 0, inner.gather(1, slot.clamp(min=0)), -1)
+        index = torch.where(red.mask, index.gather(1, red.indices.clamp(min=0)), -1)
+        merged |= red.assign is not None
+        sizes = red.sizes if red.sizes is not None else (
+            None if sizes is None else gather_rows(sizes[..., None], red.indices, red.mask)[..., 0])
+        x, valid = red.tokens, red.mask
+        mask = None if bool(valid.all()) else valid
+        sig = {k: _gather_signal(k, v, red) for k, v in sig.items()}
+        if sizes is not None:
+            sig["sizes"] = sizes
+    if space == "vision" and project is not None:
+        x = project(x)
+    return Reduction(x, index, valid, slot if merged else None, sizes, {"steps": history})
