@@ -30,24 +30,28 @@ def _console():
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from .models import families_supporting
+
     infos = [m for m in all_methods() if args.stage is None or m.stage == args.stage]
     if args.json:
         rows = [{"name": m.name, "paper": m.paper, "venue": m.venue, "repo": m.repo, "stage": m.stage,
                  "kind": m.kind, "signals": list(m.signals), "optional_signals": list(m.optional_signals),
-                 "defaults": {k: repr(v) for k, v in m.defaults.items()}, "parity_tested": m.parity}
+                 "defaults": {k: repr(v) for k, v in m.defaults.items()}, "parity_tested": m.parity,
+                 "models": families_supporting(m)}
                 for m in infos]
         print(json.dumps(rows, indent=2))
         return 0
     from rich.table import Table
 
     table = Table(title=f"vtoken methods ({len(infos)})")
-    for col in ("name", "paper", "venue", "stage", "kind", "signals", "parity"):
+    for col in ("name", "paper", "venue", "stage", "kind", "signals", "parity", "models"):
         table.add_column(col, overflow="fold")
     for m in infos:
         sig = ", ".join(m.signals) or "-"
         if m.optional_signals:
             sig += f" (opt: {', '.join(m.optional_signals)})"
-        table.add_row(m.name, m.paper, m.venue, m.stage, m.kind, sig, "yes" if m.parity else "-")
+        table.add_row(m.name, m.paper, m.venue, m.stage, m.kind, sig, "yes" if m.parity else "-",
+                      ", ".join(families_supporting(m)) or "-")
     _console().print(table)
     return 0
 

@@ -34,6 +34,10 @@ class Images:
         sample: ``[I]`` long, which batch row each image belongs to.
         grid: ``(H, W)`` of the token grid.
         project: maps vision-space tokens ``[I, K, C]`` to LLM space ``[I, K, D]``.
+        space: ``"vision"`` (before the projector) or ``"llm"``.
+        mask: optional ``[I, N]`` bool when images have different token counts (padded; ``columns`` is ``-1`` on
+            padding).
+        extra: family-specific data (cached text embeddings, crop layout, ...).
     """
 
     tokens: Tensor
@@ -42,6 +46,7 @@ class Images:
     grid: tuple[int, int] | None
     project: Any
     space: str = "vision"
+    mask: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,13 +229,14 @@ class Adapter:
                              "image placeholder tokens")
         images = self.encode(kw)
         signals = self.collect_signals(images, kw)
-        red = run_steps(self.steps, images.tokens, signals, images.project, images.space)
+        red = run_steps(self.steps, images.tokens, signals, images.project, images.space, mask=images.mask)
         assert self.handle is not None
         self.handle.last = red
         embeds = self.model.get_input_embeddings()(input_ids)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
+        real = images.columns >= 0
         image_rows = images.sample[:, None].expand_as(images.columns)
-        keep[image_rows, images.columns] = False
+        keep[image_rows[real], images.columns[real]] = False
         rows = images.sample[:, None].expand_as(red.indices)[red.mask]
         cols = images.columns.gather(1, red.indices.clamp(min=0))[red.mask]
         keep[rows, cols] = True

@@ -100,18 +100,21 @@ def _slot_map(red: Reduction, k_in: int) -> Tensor:
 
 
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
-              project: Callable[[Tensor], Tensor] | None = None, space: str = "llm") -> Reduction:
+              project: Callable[[Tensor], Tensor] | None = None, space: str = "llm",
+              mask: Tensor | None = None) -> Reduction:
     """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"llm"`` after).
 
     ``project`` maps vision-space tokens to the LLM space; it runs once, before the first LLM-space step (or at the
     end).
-    Returns the composed :class:`Reduction` whose ``tokens`` are in the LLM space.
+    ``mask [I, N]`` marks real tokens when images have different counts. Returns the composed :class:`Reduction`
+    whose ``tokens`` are in the LLM space.
     """
     i, n = tokens.shape[:2]
     index = torch.arange(n, device=tokens.device).expand(i, n)
+    valid = torch.ones(i, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    index = torch.where(valid, index, -1)
     slot = index.clone()
-    mask: Tensor | None = None
-    valid = torch.ones(i, n, dtype=torch.bool, device=tokens.device)
+    mask = None if bool(valid.all()) else valid
     merged, sizes, history = False, None, []
     x, sig = tokens, dict(signals)
     for step in steps:
