@@ -137,3 +137,29 @@ def test_masked_padding_never_selected(name):
     want = resolve_keep(0.5, mask.sum(-1))
     if info.exact:
         assert red.mask.sum(-1).tolist() == want.tolist()
+
+
+@st.composite
+def shuffle_problems(draw):
+    s = draw(st.integers(2, 4))  # window 1 is keep = N: the identity, covered above
+    h, w = draw(st.integers(1, 5)) * s, draw(st.integers(1, 5)) * s
+    b, d = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from(DTYPES))
+    x = torch.randn(b, h * w, d, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))).to(dtype)
+    return x, (h, w), s
+
+
+@given(problem=shuffle_problems())
+def test_token_shuffle_properties(problem):
+    """Layout methods accept only the keeps their window allows; there: exact inverse, structure, batch-invariance."""
+    x, grid, s = problem
+    n = x.shape[1]
+    red = vtoken.reduce(x, n // (s * s), "token_shuffle", grid=grid)
+    assert red.tokens.shape == (x.shape[0], n // (s * s), x.shape[2] * s * s) and red.tokens.dtype == x.dtype
+    for row in red.indices:
+        assert bool((row[1:] > row[:-1]).all()) and bool((row >= 0).all()) and bool((row < n).all())
+    back = vtoken.reduce(red.tokens, None, "token_unshuffle", grid=(grid[0] // s, grid[1] // s), window=s)
+    assert torch.equal(back.tokens, x)
+    for i in range(x.shape[0]):
+        one = vtoken.reduce(x[i : i + 1], n // (s * s), "token_shuffle", grid=grid)
+        assert torch.equal(one.tokens[0], red.tokens[i]) and torch.equal(one.indices[0], red.indices[i])
