@@ -17,6 +17,7 @@ from .registry import register
 @register("evit", paper="Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations",
           venue="ICLR 2022", repo="https://github.com/youweiliang/evit", space="vision", stage="encoder", kind="merge",
           signals=("cls_attn",), parity=True, fixture="evit",
+          encoder_schedule={"layers": [0.25, 0.5, 0.75], "schedule": "geometric"},
           signal_spec={"cls_attn": {"layer": "same", "source": "qk", "heads": "mean",
                                     "note": "the CLS row of the reorganising block's own attention, per-head "
                                             "softmax(q k^T * head_dim**-0.5), head mean; with class_token=True it "

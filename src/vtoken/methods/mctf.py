@@ -73,7 +73,9 @@ def pooling_weights(state: MergeState, real: Tensor, pooling: str) -> Tensor | N
 @register("mctf", paper="Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision Transformers",
           venue="CVPR 2024", repo="https://github.com/mlvlab/MCTF",
           space="vision", stage="encoder", kind="merge", signals=("attn",),
-          optional_signals=("sizes",), parity=True, fixture="mctf")
+          optional_signals=("sizes",), parity=True, fixture="mctf",
+          encoder_schedule={"layers": "all", "schedule": "constant"},
+          signal_spec={"sizes": {"proportional_attention": True}})
 def mctf(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, tau_sim: float = 1.0, tau_info: float = 20.0,
          tau_size: float = 40.0, bidirection: bool = True, pooling: str = "attn", one_step_ahead: bool = True,

@@ -39,6 +39,7 @@ class MethodInfo:
     needs_keep: bool = True
     exact: bool = True
     space: str = "llm"
+    encoder_schedule: dict[str, Any] = field(default_factory=dict)
     signal_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: str = ""
 
@@ -46,7 +47,8 @@ class MethodInfo:
 def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
              signals: tuple[str, ...] = (), optional_signals: tuple[str, ...] = (), parity: bool = False,
              fixture: str | None = None, needs_keep: bool = True, exact: bool = True, space: str = "llm",
-             signal_spec: dict[str, dict[str, Any]] | None = None) -> Callable[[Fn], Fn]:
+             signal_spec: dict[str, dict[str, Any]] | None = None,
+             encoder_schedule: dict[str, Any] | None = None) -> Callable[[Fn], Fn]:
     """Register a method function under ``name`` with its paper metadata.
 
     ``signals`` are required keyword signals (names from :data:`vtoken.core.SIGNALS`), ``optional_signals`` are
@@ -57,7 +59,8 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     the way the official code does (e.g. ``{"cls_attn": {"layer": -2}}``). Knob defaults are read from the
     function's signature. ``space`` is where the official code applies the method in a VLM: ``"vision"`` on the
     vision tower's features before the projector (merging there differs from merging after it), ``"llm"`` on the
-    projected tokens the language model sees.
+    projected tokens the language model sees. ``encoder_schedule`` says how an encoder-stage method spreads ``keep``
+    over a ViT's layers: ``{"layers": "all" | [fractions of depth or indices], "schedule": "constant" | "geometric"}``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -81,6 +84,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
             signals=tuple(signals), optional_signals=tuple(optional_signals), defaults=defaults, parity=parity,
             fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=dict(signal_spec or {}),
+            encoder_schedule=dict(encoder_schedule or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "),
         )
         return fn

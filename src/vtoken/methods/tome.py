@@ -45,7 +45,9 @@ def finish(state: MergeState, tokens: Tensor, extras: dict) -> Reduction:
 
 @register("tome", paper="Token Merging: Your ViT But Faster", venue="ICLR 2023",
           repo="https://github.com/facebookresearch/ToMe", space="vision", stage="encoder", kind="merge",
-          optional_signals=("keys", "sizes"), parity=True, fixture="tome")
+          optional_signals=("keys", "sizes"), parity=True, fixture="tome",
+          encoder_schedule={"layers": "all", "schedule": "constant"},
+          signal_spec={"sizes": {"proportional_attention": True}})
 def tome(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, distill_token: bool = False,
          r: int | Sequence[int] | None = None) -> Reduction:

@@ -11,8 +11,9 @@ from ..methods import MethodInfo
 from .base import Adapter, Handle
 from .llava import LlavaAdapter
 from .pipeline import build_steps
+from .vit import VitAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [VitAdapter, LlavaAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter"]
 
@@ -41,19 +42,21 @@ def apply(model: nn.Module, method: str | Sequence[str | tuple[str, dict[str, An
         model: a supported Hugging Face VLM (see ``vtoken.models.ADAPTERS``).
         method: a method name, or a list of names / ``(name, {knob: value, "keep": k})`` pairs, run in stage order.
         keep: tokens kept per image, an ``int`` count or a ``float`` ratio (per method unless a pair overrides it).
-        **kwargs: method knobs, given to every listed method that accepts them.
+        **kwargs: method knobs, given to every listed method that accepts them, and the family's own options
+            (``Adapter.options``, e.g. ``layers``/``schedule`` for encoder-stage methods in a ViT).
 
     Returns:
         A :class:`Handle`: ``handle.remove()`` (or leaving a ``with`` block) restores the model exactly;
         ``handle.last`` holds the reduction of the latest forward.
     """
     adapter_cls = find_adapter(model)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in adapter_cls.options}
     steps = build_steps(method, keep, kwargs)
     for step in steps:
         why = adapter_cls.unsupported(step.info)
         if why is not None:
             raise ValueError(f"method {step.info.name!r} cannot run on {type(model).__name__}: {why}")
-    adapter = adapter_cls(model, steps)
+    adapter = adapter_cls(model, steps, **options)
     handle = Handle(model, adapter, steps)
     try:
         adapter.attach(handle)

@@ -93,6 +93,8 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
     #: signals the family can provide
     provides: ClassVar[frozenset[str]] = frozenset()
+    #: apply() options the family itself takes (not method knobs)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, steps: list[Step]) -> None:
         self.model = model
