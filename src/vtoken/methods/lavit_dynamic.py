@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_merge
 from ..ops.merge import merge_rows, slot_sizes
-from ..ops.similarity import cosine_similarity, float32
+from ..ops.similarity import cosine_similarity, float32, l2_normalize
 from .registry import register
 
 SCORES = ("auto", "cls_attn", "distinct", "norm")
@@ -24,12 +24,12 @@ def distinctiveness(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
 
     High for tokens unlike the rest of the image (objects, details), low for redundant ones (flat background).
     """
-    x = float32(tokens)
-    sim = cosine_similarity(x, eps=1e-12)
-    b, n = x.shape[:2]
-    real = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
-    r = real.to(sim.dtype)
-    total = (sim * r[:, None, :]).sum(-1) - sim.diagonal(dim1=1, dim2=2) * r
+    xn = l2_normalize(float32(tokens), 1e-12)
+    b, n = xn.shape[:2]
+    real = torch.ones(b, n, dtype=torch.bool, device=xn.device) if mask is None else mask
+    r = real.to(xn.dtype)
+    # sum_j r_j cos(i, j) = x_i . sum_j r_j x_j: O(N D), no N x N matrix
+    total = (xn @ (xn * r[..., None]).sum(1)[..., None])[..., 0] - (xn * xn).sum(-1) * r
     return 1.0 - total / (r.sum(-1, keepdim=True) - 1.0).clamp_min(1.0)
 
 
@@ -83,8 +83,14 @@ def lavit_dynamic(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     rank = torch.argsort(order, dim=1)
     kept = real & (rank < counts[:, None]) & ((s >= threshold * mean) | (rank == 0))
 
-    sim = cosine_similarity(x, eps=1e-12).masked_fill(~kept[:, None, :], float("-inf"))
-    nearest = sim.argmax(dim=-1)
+    # the kept set is a prefix of the score order: compare every token with the kept ones only (O(N K D)), in
+    # ascending index order so that ties go to the lowest index
+    kmax = int(kept.sum(-1).max())
+    kept_idx = torch.sort(torch.where(kept.gather(1, order[:, :kmax]), order[:, :kmax], n), dim=1).values
+    kept_ok = kept_idx < n
+    sim = cosine_similarity(x, x.gather(1, kept_idx.clamp(max=n - 1)[..., None].expand(b, kmax, x.shape[-1])),
+                            eps=1e-12).masked_fill(~kept_ok[:, None, :], float("-inf"))
+    nearest = kept_idx.gather(1, sim.argmax(dim=-1))
     ar = torch.arange(n, device=dev).expand(b, n)
     dest = torch.where(kept, ar, torch.where(real, nearest, -1))
     w = None if sizes is None else float32(sizes)

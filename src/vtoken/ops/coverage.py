@@ -42,17 +42,27 @@ def softmax_affinity(queries: Tensor, keys: Tensor, temperature: float, *, query
     return torch.where(query_mask[:, :, None], prob / rows[:, None, None], 0.0)
 
 
-def greedy_max_coverage(cover: Tensor, counts: Tensor, candidates: Tensor | None = None) -> Tensor:
+def _gains(cover: Tensor, best: Tensor) -> Tensor:
+    """``[B, N]`` marginal gains ``sum_r max(C[r, j] - best_r, 0)`` of every column."""
+    return (cover - best[:, :, None]).clamp_min(0.0).sum(dim=1)
+
+
+def greedy_max_coverage(cover: Tensor, counts: Tensor, candidates: Tensor | None = None, lazy: int = 32) -> Tensor:
     """Greedy maximum coverage of ``cover [B, R, N]`` (non-negative), batched over ``B``.
 
-    Step: ``gain_j = sum_r max(C[r, j] - best_r, 0)`` over candidate, unselected ``j``; pick the argmax (ties ->
-    lowest index); ``best = max(best, C[:, pick])`` with ``best`` starting at 0. Exact greedy costs O(R * N) per step
-    (every gain may change when ``best`` moves).
+    Step: pick ``argmax_j gain_j`` over candidate, unselected ``j`` (ties -> lowest index), where
+    ``gain_j = sum_r max(C[r, j] - best_r, 0)``, then ``best = max(best, C[:, pick])`` with ``best`` starting at 0.
+
+    Lazy evaluation (Minoux, 1978), exact: gains only shrink as ``best`` grows (submodularity), so the last known gain
+    of a column bounds its current one. Each step re-evaluates only the ``lazy`` columns with the highest bounds
+    (O(R * lazy)); when the best of them beats every other bound strictly, it is the exact argmax. Otherwise (a
+    rare near-tie) every gain is recomputed, O(R * N), as plain greedy does. ``lazy=0`` always recomputes.
 
     Args:
         cover: ``[B, R, N]`` coverage matrix.
         counts: ``[B]`` long, picks per sample (at most the number of candidates of each sample).
         candidates: optional ``[B, N]`` bool, True on selectable columns.
+        lazy: columns re-evaluated per step before falling back to a full recomputation.
 
     Returns:
         ``[B, K]`` long, the selection order, ``-1`` after ``counts[b]`` picks.
@@ -63,10 +73,26 @@ def greedy_max_coverage(cover: Tensor, counts: Tensor, candidates: Tensor | None
     ar = torch.arange(b, device=cover.device)
     avail = torch.ones(b, n, dtype=torch.bool, device=cover.device) if candidates is None else candidates.clone()
     best = cover.new_zeros(b, cover.shape[1])
+    bound = _gains(cover, best)
     order = torch.empty(b, k, dtype=torch.long, device=cover.device)
+    m = min(int(lazy), n)
     for i in range(k):
-        gain = (cover - best[:, :, None]).clamp_min(0.0).sum(dim=1)
-        pick = gain.masked_fill(~avail, float("-inf")).argmax(dim=1)
+        open_bound = bound.masked_fill(~avail, float("-inf"))
+        pick = None
+        if i > 0 and m > 0:
+            top = torch.sort(open_bound, dim=1, descending=True, stable=True)
+            cand = top.indices[:, :m]
+            exact = (cover.gather(2, cand[:, None, :].expand(-1, cover.shape[1], -1)) - best[:, :, None]) \
+                .clamp_min(0.0).sum(dim=1)
+            exact = exact.masked_fill(~avail.gather(1, cand), float("-inf"))
+            bound.scatter_(1, cand, exact)
+            top_exact = exact.max(dim=1).values
+            rival = top.values[:, m] if m < n else torch.full_like(top_exact, float("-inf"))
+            if bool((top_exact > rival).all()):
+                pick = torch.where(exact == top_exact[:, None], cand, n).min(dim=1).values
+        if pick is None:
+            bound = _gains(cover, best)
+            pick = bound.masked_fill(~avail, float("-inf")).argmax(dim=1)
         order[:, i] = pick
         avail[ar, pick] = False
         best = torch.maximum(best, cover[ar, :, pick])
