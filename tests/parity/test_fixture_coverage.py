@@ -12,7 +12,6 @@ from tests.parity.fixtures import fixtures_root
 HERE = Path(__file__).parent
 # fixture sets whose methods belong to later milestones (model adapters, LLM-stage pruning, video)
 PENDING = {
-    "globalcom2": "crop-aware LLaVA-NeXT method, lands with the model adapters",
     "dart": "LLM-stage pruning, lands with the in-LLM methods",
     "sparsevlm_attn_topk": "LLM-stage pruning, lands with the in-LLM methods",
     "sparsevlm_cluster_merge": "LLM-stage pruning, lands with the in-LLM methods",

@@ -9,11 +9,18 @@ from torch import nn
 
 from ..methods import MethodInfo
 from .base import Adapter, Handle
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .pipeline import build_steps
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .vit import VitAdapter
 
-ADAPTERS: list[type[Adapter]] = [VitAdapter, LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [VitAdapter, LlavaAdapter, InternVLAdapter, Idefics3Adapter,
+                                 Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter,
+                                 LlavaNextAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter"]
 

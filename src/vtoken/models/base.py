@@ -209,9 +209,12 @@ class Adapter:
         state = self._state
         mask = kw.get("attention_mask")
         past = kw.get("past_key_values")
-        if state is None or past is None:
+        past_len = past.get_seq_length() if past is not None else 0
+        if past_len == 0:  # a new text-only prefill: the previous image prefill's layout no longer applies
+            self._state = self._next_position = None
             return kw
-        past_len = past.get_seq_length()
+        if state is None:
+            return kw
         ids = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         q = ids.shape[1]
         generated = past_len - state.new_length
@@ -231,7 +234,7 @@ class Adapter:
                              "image placeholder tokens")
         images = self.encode(kw)
         signals = self.collect_signals(images, kw)
-        red = run_steps(self.steps, images.tokens, signals, images.project, images.space, mask=images.mask)
+        red = self.reduce_images(images, signals)
         assert self.handle is not None
         self.handle.last = red
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -245,6 +248,12 @@ class Adapter:
         embeds = embeds.clone()
         embeds[rows, cols] = red.tokens[red.mask].to(embeds.dtype)
         return self.splice(kw, input_ids, embeds, keep)
+
+    def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
+        """Run the method pipeline on ``images.tokens`` -> a :class:`Reduction` with one row per image (indices into
+        that image's tokens, LLM-space tokens). Families whose images have several views override this (e.g. to split
+        ``keep`` over the views)."""
+        return run_steps(self.steps, images.tokens, signals, images.project, images.space, mask=images.mask)
 
     def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
         """Drop the removed columns and call the language model on ``inputs_embeds``."""

@@ -99,15 +99,32 @@ def _slot_map(red: Reduction, k_in: int) -> Tensor:
     return out
 
 
+def _to_llm(x: Tensor, tokens: Tensor, index: Tensor, valid: Tensor, project: Callable[[Tensor], Tensor],
+            exact: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
+    """``project(x)``; with ``exact``, rows of ``x`` still equal to their source row of ``tokens`` take ``exact``'s."""
+    if exact is None:
+        return project(x)
+    ref = exact(index, valid)
+    same = (x == gather_rows(tokens, index, valid)).all(-1) | ~valid
+    if bool(same.all()):
+        return ref
+    out = project(x)
+    return torch.where(same[..., None], ref.to(out.dtype), out)
+
+
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
               project: Callable[[Tensor], Tensor] | None = None, space: str = "llm",
-              mask: Tensor | None = None) -> Reduction:
+              mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None) -> Reduction:
     """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"llm"`` after).
 
     ``project`` maps vision-space tokens to the LLM space; it runs once, before the first LLM-space step (or at the
     end).
     ``mask [I, N]`` marks real tokens when images have different counts. Returns the composed :class:`Reduction`
     whose ``tokens`` are in the LLM space.
+    ``exact`` (optional) maps source indices ``[I, K]`` with their validity ``[I, K]`` to the model's own LLM-space
+    tokens ``[I, K, D]`` (zeros where invalid): at projection, tokens still bitwise equal to their source token take
+    that value instead of ``project(x)`` (for families whose model does more than project each vision token, e.g.
+    LLaVA-OneVision resizes the projected crop grid).
     """
     i, n = tokens.shape[:2]
     index = torch.arange(n, device=tokens.device).expand(i, n)
@@ -119,7 +136,7 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
     x, sig = tokens, dict(signals)
     for step in steps:
         if step.space == "llm" and space == "vision":
-            x, space = project(x), "llm"
+            x, space = _to_llm(x, tokens, index, valid, project, exact), "llm"
         needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
         red = reduce(x, step.keep, step.info.name, mask=mask, **needed, **step.kwargs)
         history.append(red)
@@ -135,5 +152,5 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
         if sizes is not None:
             sig["sizes"] = sizes
     if space == "vision" and project is not None:
-        x = project(x)
+        x = _to_llm(x, tokens, index, valid, project, exact)
     return Reduction(x, index, valid, slot if merged else None, sizes, {"steps": history})

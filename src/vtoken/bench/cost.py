@@ -1,0 +1,207 @@
+"""Analytic prefill cost of a VLM: FLOPs of the language model and of a ViT tower, KV-cache bytes, parameter counts.
+
+FLOPs count matrix multiplications only (2 FLOPs per multiply-add): projections, MLP, the two attention products
+(``Q K^T`` and ``P V``, the quadratic term) and the LM head. Norms, activations, softmax, rotary embeddings and
+biases are ignored (well under 1% at these widths). Dense decoder-only language models (Llama, Qwen2, Mistral,
+Vicuna, ...) and CLIP/SigLIP-style encoders are covered; mixture-of-experts layers are not.
+
+Every function takes a Hugging Face config (a VLM config is reduced to its text / vision part), a sequence length
+and a batch size, so ``vtoken bench`` and ``benchmarks/prefill.py`` share one cost model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TextDims",
+    "VisionDims",
+    "kv_cache_bytes",
+    "llm_param_count",
+    "llm_prefill_flops",
+    "projector_flops",
+    "text_dims",
+    "vision_dims",
+    "vit_flops",
+]
+
+#: model types whose MLP is a plain ``fc1 -> act -> fc2`` (2 matrices); every other type is taken as gated
+#: (``gate``, ``up``, ``down``: 3 matrices), as in Llama, Qwen2, Mistral, Gemma.
+PLAIN_MLP = frozenset({"gpt2", "opt", "gpt_neox", "gptj", "phi", "falcon", "bloom", "starcoder2"})
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else getattr(config, "text_config", config)
+
+
+def _vision_config(config: Any) -> Any:
+    return getattr(config, "vision_config", None) or config
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """Widths of a dense decoder: ``E = heads * head_dim`` query width, ``kv_heads * head_dim`` key/value width."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    mlp_matrices: int
+    tied: bool
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+
+
+def text_dims(config: Any) -> TextDims:
+    """The :class:`TextDims` of a language-model config (or of a VLM config's text part)."""
+    cfg = _text_config(config)
+    if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
+        raise ValueError(f"{cfg.model_type}: mixture-of-experts layers are not covered by vtoken.bench.cost")
+    heads = int(cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    layers = int(cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    # as transformers' caches: without explicit layer types, a configured sliding window makes every layer sliding
+    types = tuple(getattr(cfg, "layer_types", None)
+                  or ("sliding_attention" if window is not None else "full_attention",) * layers)
+    return TextDims(hidden=int(cfg.hidden_size), layers=layers, heads=heads, kv_heads=int(kv),
+                    head_dim=int(head_dim), intermediate=int(cfg.intermediate_size), vocab=int(cfg.vocab_size),
+                    mlp_matrices=2 if getattr(cfg, "model_type", "") in PLAIN_MLP else 3,
+                    tied=bool(getattr(cfg, "tie_word_embeddings", False)), layer_types=types,
+                    sliding_window=window)
+
+
+def _attention_pairs(q_len: int, past: int, causal: bool, window: int | None = None) -> int:
+    """Query-key pairs scored by ``q_len`` queries after ``past`` cached tokens (causal: only earlier keys)."""
+    if not causal:
+        return q_len * (past + q_len)
+    lo, hi = past + 1, past + q_len  # keys seen by the first and the last query
+    if window is None or hi <= window:
+        return (lo + hi) * q_len // 2
+    if lo > window:  # each query sees at most `window` keys (itself included)
+        return q_len * window
+    m = window - lo + 1
+    return (lo + window) * m // 2 + (q_len - m) * window
+
+
+def llm_prefill_flops(config: Any, seq_len: int, batch: int = 1, *, past: int = 0, causal: bool = True,
+                      logits: int | None = 1, detail: bool = False) -> float | dict[str, float]:
+    """FLOPs of a language-model forward over ``seq_len`` new tokens per sample (after ``past`` cached ones).
+
+    Per layer and token: Q/K/V/O projections ``2 * H * (2 E + 2 E_kv)``, MLP ``2 * m * H * I`` (``m`` = 3 gated,
+    2 plain); per layer, head and scored query-key pair: ``4 * head_dim`` (``Q K^T`` and ``P V``). ``causal``
+    counts only the lower triangle (what causal kernels such as SDPA with ``is_causal`` compute); ``False`` the full
+    square. ``logits``: positions whose LM-head logits are computed (1 = the last one, as ``generate`` asks with
+    ``logits_to_keep=1``; ``None`` = every position). ``detail=True`` returns ``{"proj", "attention", "mlp",
+    "lm_head", "total"}``.
+    """
+    d = text_dims(config)
+    q_width, kv_width = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    tokens = batch * seq_len
+    proj = 2.0 * tokens * d.hidden * (2 * q_width + 2 * kv_width) * d.layers
+    mlp = 2.0 * tokens * d.mlp_matrices * d.hidden * d.intermediate * d.layers
+    attention = 0.0
+    for kind in d.layer_types:
+        window = d.sliding_window if kind == "sliding_attention" else None
+        attention += 4.0 * batch * d.heads * d.head_dim * _attention_pairs(seq_len, past, causal, window)
+    rows = seq_len if logits is None else min(int(logits), seq_len)
+    lm_head = 2.0 * batch * rows * d.hidden * d.vocab
+    out = {"proj": proj, "attention": attention, "mlp": mlp, "lm_head": lm_head}
+    out["total"] = sum(out.values())
+    return out if detail else out["total"]
+
+
+def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the key + value tensors a ``DynamicCache`` holds after a prefill of ``seq_len`` tokens per sample:
+    ``2 * batch * kv_heads * cached * head_dim * itemsize`` summed over layers, where a sliding-window layer keeps
+    only its last ``sliding_window - 1`` tokens (as transformers' ``DynamicSlidingWindowLayer``)."""
+    d = text_dims(config)
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for kind in d.layer_types:
+        if kind == "dummy":  # a layer that reuses another layer's cache (or has no attention) stores nothing
+            continue
+        cached = seq_len
+        if kind == "sliding_attention" and d.sliding_window:
+            cached = min(seq_len, d.sliding_window - 1)
+        total += 2 * batch * d.kv_heads * cached * d.head_dim * item
+    return total
+
+
+def llm_param_count(config: Any, *, norms: bool = True) -> int:
+    """Parameters of a dense Llama/Qwen2-style language model with its LM head (counted once when tied)."""
+    d = text_dims(config)
+    cfg = _text_config(config)
+    q_width, kv_width = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    attn = d.hidden * (2 * q_width + 2 * kv_width)
+    if getattr(cfg, "model_type", "") == "qwen2":  # q/k/v biases
+        attn += q_width + 2 * kv_width
+    elif getattr(cfg, "attention_bias", False):
+        attn += q_width + 2 * kv_width + d.hidden
+    mlp = d.mlp_matrices * d.hidden * d.intermediate + (
+        d.intermediate + d.hidden if getattr(cfg, "mlp_bias", False) else 0)
+    per_layer = attn + mlp + (2 * d.hidden if norms else 0)
+    embed = d.vocab * d.hidden
+    return d.layers * per_layer + embed + (0 if d.tied else embed) + (d.hidden if norms else 0)
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """Widths of a ViT tower: ``tokens`` per image (patches plus a CLS token when the tower has one)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    patches: int
+    patch_size: int
+    channels: int
+    cls: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.patches + int(self.cls)
+
+
+def vision_dims(config: Any) -> VisionDims:
+    """The :class:`VisionDims` of a CLIP/SigLIP-style vision config (or of a VLM config's vision part)."""
+    cfg = _vision_config(config)
+    grid = int(cfg.image_size) // int(cfg.patch_size)
+    return VisionDims(hidden=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers),
+                      intermediate=int(cfg.intermediate_size), patches=grid * grid, patch_size=int(cfg.patch_size),
+                      channels=int(getattr(cfg, "num_channels", 3)),
+                      cls=getattr(cfg, "model_type", "") not in ("siglip_vision_model", "siglip2_vision_model"))
+
+
+def vit_flops(config: Any, images: int = 1, *, layers: int | None = None, detail: bool = False
+              ) -> float | dict[str, float]:
+    """FLOPs of a ViT tower on ``images`` images: patch embedding ``2 * P * (C p^2) * W``, per layer
+    ``2 T (4 W^2) + 4 T^2 W`` (bidirectional attention) ``+ 2 T (2 W I)`` (plain MLP), ``T`` tokens per image.
+    ``layers`` defaults to the whole tower (LLaVA runs every layer even when it reads the features of layer -2)."""
+    d = vision_dims(config)
+    n_layers = d.layers if layers is None else layers
+    t = d.tokens
+    embed = 2.0 * images * d.patches * d.channels * d.patch_size**2 * d.hidden
+    proj = 2.0 * images * t * 4 * d.hidden**2 * n_layers
+    attention = 4.0 * images * t * t * d.hidden * n_layers
+    mlp = 2.0 * images * t * 2 * d.hidden * d.intermediate * n_layers
+    out = {"embed": embed, "proj": proj, "attention": attention, "mlp": mlp}
+    out["total"] = sum(out.values())
+    return out if detail else out["total"]
+
+
+def projector_flops(config: Any, tokens: int, batch: int = 1) -> float:
+    """FLOPs of LLaVA's two-layer MLP projector (vision width -> text width -> text width) on ``tokens`` tokens per
+    sample; a list-valued ``vision_feature_layer`` concatenates that many feature layers on the input side."""
+    v = vision_dims(config)
+    t = text_dims(config)
+    layer = getattr(config, "vision_feature_layer", -1)
+    width = v.hidden * (len(layer) if isinstance(layer, (list, tuple)) else 1)
+    return 2.0 * batch * tokens * (width * t.hidden + t.hidden * t.hidden)

@@ -1,0 +1,373 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), images: a SigLIP tower (no CLS token), an MLP
+projector and AnyRes-max packing.
+
+How the model lays out one image (``g = image_size // patch_size`` tokens a side, ``n = g * g`` per view):
+
+* **Views.** The tower encodes every view of an image on its own: view 0 is the base (whole image resized), views
+  ``1 .. nh * nw`` the crops of the best grid pinpoint in row-major order. An image of a multi-image sample
+  (``batch_num_images > 1``) has only the base view.
+* **Packing** (after the projector). Base view: its ``n`` tokens (single-view image: then one ``image_newline``).
+  Crops: stitched into an ``nh*g x nw*g`` canvas, unpadded to the image's aspect ratio (``unpad_image``), bilinearly
+  downscaled when it exceeds ``anyres_max_M`` views (``vision_aspect_ratio``) by more than 1.1x, then written row by
+  row, each row followed by one ``image_newline`` token.
+
+vtoken's choices (the reduction unit is one view, as in the official per-crop VisionZip / LLaVA-NeXT ports):
+
+* **Where methods run: per view, before packing**, on the view's ``g x g`` grid (``grid = (g, g)``); each view has
+  its own tower signals. A view token whose packed cell was cut by unpadding is masked out. A downscaled canvas
+  cell sits on the view token with the largest bilinear weight in it (ties: the upper-left one); the tokens no cell
+  sits on are masked out. Vision-space methods see, for such a cell, the tower features resized the same way (the
+  model resizes the projected tokens), with that view token's signals; a token kept unchanged is always spliced with
+  the model's own packed value (:func:`~vtoken.models.pipeline.run_steps`'s ``exact``), so LLM-space methods and
+  ``keep`` = all see exactly the model's tokens.
+* **``keep`` stays per image**: an ``int`` ``k`` is split over the image's views in proportion to their valid tokens
+  (largest remainder, ties to the earlier view, base first), so the image keeps exactly ``min(k, valid)`` tokens; a
+  view whose share is 0 (``k`` < views) keeps nothing. A ratio applies to every view unchanged (at least 1 per view).
+  In a composition, an ``int`` step is split in proportion to the previous step's (planned) shares.
+* **Newlines** are not reduction units: an ``image_newline`` stays iff a token of its canvas row stays (rows with
+  nothing kept lose their newline); a single-view image keeps its one newline. Newlines do not count toward
+  ``keep``; ``handle.last.extras["newlines"]`` has the kept ones per image.
+* **Indices**: :attr:`Handle.last` has one row per image, view ``v``'s slot ``s = row * g + col`` at ``v * n + s``
+  (``extras["views"]``: the per-view reduction, ``extras["view_image"]`` / ``extras["view_position"]`` its rows).
+  Kept tokens keep their placeholder column and its position id; a merged token takes its representative's.
+* **Signals** (recomputed on the side from hooked SigLIP q/k, the model keeps SDPA): ``keys``, ``attn``,
+  ``attn_received_layers`` (per view, every query row; no CLS to drop), ``vision_features`` (pre-projector
+  features; the projected tokens for ``space="clip_joint"``), ``text``, ``text_mask``, ``grid``, ``positions``,
+  ``crop_ids`` (the view index).
+* **No CLS token.** ``visionzip`` gets ``cls_attn`` = the attention each token receives in the same layer, softmax
+  probabilities averaged over heads and over all query rows: the substitute documented for CLS-free towers
+  ("we use the average attention each visual token receives from all other tokens ... also adopted in other works,
+  such as VisionZip", Theia-4869/VisPruner#1), which VisionZip's own Qwen2.5-VL code uses (a per-token ``attn_mean``
+  over the query rows, JIA-Lab-research/VisionZip#31; a sum over queries ranks the same). ``hiprune`` uses
+  ``attn_received_layers`` as on any tower. ``hired``, ``vtc_cls``, ``prumerge``, ``prumerge_plus`` (and ``evit``,
+  ``globalcom2``) are unsupported: they rank by the [CLS] query and their official code documents no CLS-free
+  substitute. ``lavit_dynamic`` gets no ``cls_attn`` (its ``"distinct"`` score is used).
+
+``vision_feature_select_strategy`` must be ``"full"`` (``"default"`` would drop a SigLIP patch). The model ignores a
+``vision_aspect_ratio`` argument and packs with ``config.vision_aspect_ratio``; so does this adapter. Videos are not
+reduced yet: ``pixel_values_videos`` in the same call pass through to the model, which fills the (kept) video
+placeholders itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from ..core import Reduction, gather_rows, resolve_keep
+from ..methods import MethodInfo
+from .base import Adapter, ClsTowerAdapter, Images
+from .capture import QKLayer, mean_keys
+from .internvl import attention_maps, fold_views, stack_reductions
+from .llava import clip_qk_layers
+from .pipeline import run_steps
+
+#: signals that need a [CLS] query row
+CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
+#: methods whose ``cls_attn`` is replaced by the attention each token receives (see the module docstring)
+CLS_SUBSTITUTE = frozenset({"visionzip"})
+
+
+def dominant_taps(n_in: int, n_out: int) -> Tensor:
+    """``[n_out]`` long: for each output of a 1-D bilinear resize ``n_in -> n_out`` (``align_corners=False``, as
+    ``F.interpolate(size=...)``), the input index with the larger weight (ties: the lower index)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    low = src.floor()
+    return torch.where(src - low > 0.5, low + 1, low).long().clamp(max=n_in - 1)
+
+
+def image_layout(g: int, views: int, image_size: Tensor, pinpoints: list, side: int, aspect: str) -> \
+        tuple[Tensor, Tensor, bool]:
+    """The packed sequence of one image, position by position (mirrors ``pack_image_features``).
+
+    Returns ``slots [P]`` (view slot ``v * g^2 + row * g + col`` of each packed token, ``-1`` for an
+    ``image_newline``), ``lines [P]`` (canvas row of each token / newline, ``-1`` for the base view of a multi-view
+    image; a single-view image is one row) and whether the crop canvas is downscaled.
+    """
+    n = g * g
+    if views == 1:
+        slots = torch.arange(n + 1)
+        slots[n] = -1
+        return slots, torch.zeros(n + 1, dtype=torch.long), False
+    nh, nw = get_anyres_image_grid_shape(image_size, pinpoints, side)
+    if nh * nw + 1 != views:
+        raise ValueError(f"llava_onevision adapter: image of size {image_size.tolist()} has {views} views, its crop "
+                         f"grid {nh} x {nw} needs {nh * nw + 1}")
+    r = torch.arange(nh * g)[:, None]
+    c = torch.arange(nw * g)[None, :]
+    canvas = (1 + (r // g) * nw + c // g) * n + (r % g) * g + c % g  # [nh*g, nw*g] slot of each canvas cell
+    canvas = unpad_image(canvas[None], image_size)[0]
+    h, w = canvas.shape
+    ratio = math.sqrt(h * w / (int(aspect.strip("anyres_max_")) * g**2))  # noqa: B005 (the model's own parsing)
+    down = ratio > 1.1
+    if down:
+        canvas = canvas[dominant_taps(h, int(h // ratio))][:, dominant_taps(w, int(w // ratio))]
+        h, w = canvas.shape
+    rows = torch.cat([canvas, torch.full((h, 1), -1, dtype=torch.long)], dim=1).reshape(-1)
+    slots = torch.cat([torch.arange(n), rows])
+    lines = torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(h).repeat_interleave(w + 1)])
+    return slots, lines, down
+
+
+def split_count(keep: int, prev: Tensor, image: Tensor, n_images: int) -> Tensor:
+    """Per-view shares ``[R]`` of an ``int`` per-image ``keep`` in proportion to ``prev [R]`` (each view's tokens;
+    ``image [R]`` its image): largest remainder, ties to the earlier view; they sum to ``min(keep, sum(prev))``."""
+    total = torch.zeros(n_images, dtype=torch.long, device=prev.device).index_add_(0, image, prev)
+    k = total.clamp(max=keep)
+    num = k[image] * prev
+    den = total[image].clamp(min=1)
+    base, rem = num // den, num % den
+    extra = k - torch.zeros_like(k).index_add_(0, image, base)
+    order = torch.sort(-rem, stable=True).indices
+    order = order[torch.sort(image[order], stable=True).indices]  # by image, then remainder desc, then view order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    per_image = torch.bincount(image, minlength=n_images)
+    rank = rank - (per_image.cumsum(0) - per_image)[image]  # rank within the image
+    return base + (rank < extra[image]).long()
+
+
+class LlavaOnevisionAdapter(ClsTowerAdapter):
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    provides = frozenset({"cls_attn", "attn", "attn_received_layers", "keys", "vision_features", "text",
+                          "text_mask", "grid", "positions", "sizes", "crop_ids"})
+
+    @classmethod
+    def unsupported(cls, info: MethodInfo) -> str | None:
+        need = sorted(CLS_SIGNALS & set(info.signals))
+        if need and info.name not in CLS_SUBSTITUTE and info.stage in cls.stages:
+            return (f"{info.name!r} ranks tokens by the vision tower's [CLS] query ({', '.join(need)}); the SigLIP "
+                    "tower of LLaVA-OneVision has no CLS token and the method's official code documents no substitute")
+        return super().unsupported(info)
+
+    # ---- model parts ------------------------------------------------------------------------------------------
+    @property
+    def inner(self) -> Any:
+        return self.model.model
+
+    def tower_layers(self) -> Any:
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def qk_layers(self) -> list[QKLayer]:
+        if not hasattr(self, "_qk"):
+            self._qk = clip_qk_layers(self.tower_layers())
+        return self._qk
+
+    @property
+    def default_layer(self) -> int:  # type: ignore[override]
+        layer = self.model.config.vision_feature_layer
+        layer = layer if isinstance(layer, int) else layer[-1]
+        return (layer % (len(self.tower_layers()) + 1)) - 1  # hidden_states[l] is the output of layer l - 1
+
+    def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
+        if name in CLS_SIGNALS and not (name == "cls_attn" and info.name in CLS_SUBSTITUTE):
+            return []
+        return super().signal_layers(info, name)
+
+    def image_token_mask(self, input_ids: Tensor) -> Tensor:
+        return input_ids == self.model.config.image_token_id
+
+    def side(self) -> int:
+        cfg = self.model.config.vision_config
+        return cfg.image_size // cfg.patch_size
+
+    # ---- encoding ---------------------------------------------------------------------------------------------
+    def encode(self, kw: dict[str, Any]) -> Images:
+        """Per-view :class:`Images` (``V`` rows of ``g^2`` slots) with the packing in ``extra``."""
+        cfg = self.model.config
+        image_sizes = kw.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("llava_onevision adapter: image_sizes is required with pixel_values")
+        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        if strategy != "full":
+            raise ValueError(f"llava_onevision adapter: vision_feature_select_strategy={strategy!r} would drop a patch "
+                             "token of the CLS-free SigLIP tower; vtoken supports 'full'")
+        layer = kw.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        bni = kw.get("batch_num_images")
+        assert self.capture is not None
+        self.capture.store.clear()
+        self.capture.active = True
+        try:
+            out = self.inner.get_image_features(pixel_values=kw["pixel_values"], image_sizes=image_sizes,
+                                                vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                                                batch_num_images=bni, return_dict=True)
+        finally:
+            self.capture.active = False
+        hs = out.hidden_states
+        feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)  # [V, n, C]
+        packed = list(out.pooler_output)  # per image [P_i, D], newlines included
+        return self.layout(kw["input_ids"], image_sizes, bni, feats, packed)
+
+    def layout(self, input_ids: Tensor, image_sizes: Tensor, bni: Tensor | None, feats: Tensor,
+               packed: list[Tensor]) -> Images:
+        cfg = self.model.config
+        g, side, aspect = self.side(), cfg.vision_config.image_size, cfg.vision_aspect_ratio
+        n, dev = g * g, feats.device
+        patching = [True] * len(image_sizes) if bni is None else [int(k) == 1 for k in bni for _ in range(int(k))]
+        views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, side) if p else 1
+                 for s, p in zip(image_sizes, patching, strict=True)]
+        if sum(views) != feats.shape[0] or len(views) != len(packed):
+            raise ValueError(f"llava_onevision adapter: {len(views)} image(s) with {sum(views)} views, the tower "
+                             f"encoded {feats.shape[0]}")
+        placeholder = self.image_token_mask(input_ids)
+        rows, cols = placeholder.nonzero(as_tuple=True)  # row-major: the order the model scatters features in
+        lengths = [p.shape[0] for p in packed]
+        if rows.numel() != sum(lengths):
+            raise ValueError(f"llava_onevision adapter: the prompt has {rows.numel()} image tokens, the images "
+                             f"pack into {sum(lengths)}")
+        r_views = feats.shape[0]
+        columns = torch.full((r_views, n), -1, dtype=torch.long, device=dev)
+        line = torch.full((r_views, n), -1, dtype=torch.long, device=dev)
+        exact = packed[0].new_zeros(r_views, n, packed[0].shape[-1])
+        tokens = feats.clone()
+        image_of, position, sample = [], [], []
+        nl_rows, nl_cols, nl_line, nl_image, nl_value = [], [], [], [], []
+        start, vstart, n_lines = 0, 0, 0
+        for i, (v, p) in enumerate(zip(views, packed, strict=True)):
+            slots, lines, down = image_layout(g, v, image_sizes[i].cpu(), cfg.image_grid_pinpoints, side, aspect)
+            if slots.numel() != p.shape[0]:
+                raise RuntimeError(f"llava_onevision adapter: layout of image {i} has {slots.numel()} tokens, the "
+                                   f"model packed {p.shape[0]}")
+            slots, lines = slots.to(dev), lines.to(dev)
+            r, c = rows[start : start + p.shape[0]], cols[start : start + p.shape[0]]
+            if bool((r != r[0]).any()):
+                raise ValueError(f"llava_onevision adapter: the image tokens of image {i} span several samples")
+            cell = slots >= 0
+            vrow, s = vstart + slots[cell] // n, slots[cell] % n
+            columns[vrow, s] = c[cell]
+            exact[vrow, s] = p[cell]
+            line[vrow, s] = torch.where(lines[cell] >= 0, lines[cell] + n_lines, -1)
+            if down:  # the resized canvas in vision space: the tower features packed the model's way, no newlines
+                vis = self.inner.pack_image_features([feats[vstart : vstart + v]], image_sizes[i : i + 1],
+                                                     image_newline=None, vision_aspect_ratio=aspect)[0][0]
+                tokens[vrow, s] = vis.to(tokens.dtype)
+            nl_rows.append(r[~cell])
+            nl_cols.append(c[~cell])
+            nl_line.append(lines[~cell] + n_lines)
+            nl_image.append(torch.full_like(r[~cell], i))
+            nl_value.append(p[~cell])
+            n_lines += int(lines.max()) + 1
+            image_of += [i] * v
+            position += list(range(v))
+            sample += [int(r[0])] * v
+            start, vstart = start + p.shape[0], vstart + v
+        valid = columns >= 0
+        extra = {"exact": exact, "line": line, "n_lines": n_lines, "visual": placeholder,
+                 "newlines": (torch.cat(nl_rows), torch.cat(nl_cols), torch.cat(nl_line)),
+                 "newline_image": torch.cat(nl_image), "newline_value": torch.cat(nl_value),
+                 "view_image": torch.tensor(image_of, device=dev), "view_position": torch.tensor(position, device=dev),
+                 "n_images": len(views)}
+        return Images(tokens, columns, torch.tensor(sample, device=dev), (g, g), self.inner.multi_modal_projector,
+                      space="vision", mask=None if bool(valid.all()) else valid, extra=extra)
+
+    # ---- signals ----------------------------------------------------------------------------------------------
+    def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
+        cap = self.capture
+        assert cap is not None
+        if name in CLS_SIGNALS:
+            if name != "cls_attn" or info.name not in CLS_SUBSTITUTE:
+                return None
+            return attention_maps(*cap.qk(self.spec_layers(info, name)[0]))  # received, mean over heads and queries
+        if name == "attn_received_layers":
+            return torch.stack([attention_maps(*cap.qk(i)) for i in self.spec_layers(info, name)], dim=1)
+        if name == "attn":
+            return attention_maps(*cap.qk(self.spec_layers(info, name)[0]), reduce="full")
+        if name == "keys":
+            _, k, layer = cap.qk(self.spec_layers(info, name)[0])
+            return mean_keys(k, layer)
+        if name == "vision_features":
+            space = info.signal_spec.get(name, {}).get("space")
+            return images.extra["exact"] if space == "clip_joint" else images.tokens
+        if name == "positions":
+            return images.columns
+        if name == "crop_ids":
+            return images.extra["view_position"][:, None].expand_as(images.columns)
+        return Adapter.signal(self, name, info, images, kw)
+
+    # ---- reduction and splice ---------------------------------------------------------------------------------
+    def view_shares(self, images: Images) -> list[Tensor | None]:
+        """Per step, the per-view counts ``[V]`` of an ``int`` ``keep`` (``None`` for a ratio, applied per view)."""
+        image = images.extra["view_image"]
+        prev = images.mask.sum(1) if images.mask is not None else torch.full_like(image, images.columns.shape[1])
+        shares: list[Tensor | None] = []
+        for step in self.steps:
+            if isinstance(step.keep, int) and not isinstance(step.keep, bool):
+                share = split_count(step.keep, prev, image, images.extra["n_images"])
+                shares.append(share)
+                prev = share
+            else:
+                shares.append(None)
+                prev = torch.where(prev > 0, resolve_keep(step.keep, prev).to(prev.device), 0)
+        return shares
+
+    def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
+        """Run the methods per view (see the module docstring) -> one row per image, ``extras["views"]`` per view."""
+        r, n = images.columns.shape
+        shares = self.view_shares(images)
+        table = torch.stack([s if s is not None else torch.ones_like(images.sample) for s in shares], dim=1)
+        run = (table > 0).all(1)  # views whose share is 0, or with no token left by unpadding, keep nothing
+        if images.mask is not None:
+            run &= images.mask.any(1)
+        keys, group = torch.unique(table, dim=0, return_inverse=True)
+        exact = images.extra["exact"]
+        parts = []
+        for gi in range(keys.shape[0]):
+            rows = ((group == gi) & run).nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            steps = [step if share is None else replace(step, keep=int(keys[gi, i]))
+                     for i, (step, share) in enumerate(zip(self.steps, shares, strict=True))]
+            sig = {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == r else v
+                   for k, v in signals.items()}
+            mask = None if images.mask is None else images.mask[rows]
+            ex = exact[rows]
+            red = run_steps(steps, images.tokens[rows], sig, images.project, images.space, mask=mask,
+                            exact=lambda index, valid, ex=ex: gather_rows(ex, index, valid))
+            parts.append((rows, red))
+        red = parts[0][1] if len(parts) == 1 and bool(run.all()) else stack_reductions(parts, r)
+        return fold_views(red, images.extra["view_image"], images.extra["view_position"], images.extra["n_images"], n)
+
+    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
+                             "image placeholder tokens")
+        images = self.encode(kw)
+        signals = self.collect_signals(images, kw)
+        red = self.reduce_images(images, signals)
+        assert self.handle is not None
+        views = red.extras["views"]
+        embeds = self.model.get_input_embeddings()(input_ids).clone()
+        keep = ~images.extra["visual"]
+        m = views.mask
+        idx = views.indices.clamp(min=0)
+        rows = images.sample[:, None].expand_as(idx)[m]
+        cols = images.columns.gather(1, idx)[m]
+        keep[rows, cols] = True
+        embeds[rows, cols] = views.tokens[m].to(embeds.dtype)
+        # a newline stays iff a token of its canvas row stays
+        kept_lines = images.extra["line"].gather(1, idx)[m]
+        line_on = torch.zeros(images.extra["n_lines"] + 1, dtype=torch.bool, device=input_ids.device)
+        line_on[torch.where(kept_lines >= 0, kept_lines, images.extra["n_lines"])] = True
+        nl_rows, nl_cols, nl_line = images.extra["newlines"]
+        on = line_on[nl_line]
+        keep[nl_rows[on], nl_cols[on]] = True
+        embeds[nl_rows, nl_cols] = images.extra["newline_value"].to(embeds.dtype)  # the model's packed image_newline
+        nl_image = images.extra["newline_image"][on]
+        red.extras["newlines"] = torch.zeros(images.extra["n_images"], dtype=torch.long,
+                                             device=input_ids.device).index_add_(0, nl_image, torch.ones_like(nl_image))
+        self.handle.last = red
+        return self.splice(kw, input_ids, embeds, keep)
+

@@ -1,0 +1,479 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+The vision tower reads ``pixel_values [P, C * t * p * p]`` (``P`` patches of all images, concatenated) with
+``image_grid_thw [I, 3]`` (``t, h, w`` in patches), runs its blocks on the whole sequence with attention segments
+(``cu_seqlens``: one per frame; Qwen2.5-VL: windows of ``window_size`` pixels except in ``fullatt_block_indexes``,
+on a window-permuted patch order) and its ``PatchMerger`` turns every 2 x 2 block of patches into ONE token
+(``ln_q`` + an MLP on the four patch vectors concatenated). The prompt holds one ``image_token_id`` placeholder per
+merged token, and the language model uses M-RoPE: 3-D ``(t, h, w)`` position ids ``[3, B, L]`` from
+``get_rope_index`` on the ORIGINAL sequence.
+
+What vtoken does here:
+
+- Visual tokens are the merged tokens (``N_i = t * h * w / 4`` per image), in the raster order of the merged grid
+  ``(t * h / 2, w / 2)`` (the ``grid`` signal; frames stacked vertically). Images of different sizes in one batch
+  are padded (``Images.mask``); a pipeline that reads ``grid`` runs once per distinct grid instead.
+- Space: every method runs on the merged tokens, AFTER the merger (``Images.space == "llm"``). The merger's input
+  (four patch vectors per token) is per token, but its MLP is part of the 2 x 2 merge, so "vision space" methods
+  (VisionZip, HiPrune, ...) also select / merge the merged tokens here. ``vision_features`` (MMTok's and ToDRE's
+  second view) is the merger's input of each token: its four last-layer patch vectors concatenated ``[4 * C]``.
+- Attention signals come from hooked ``qkv`` outputs plus the ``position_embeddings`` / ``cu_seqlens`` each block's
+  attention receives (forward pre-hook), so the tower keeps SDPA / FlashAttention. Queries and keys get the vision
+  RoPE as in the model; each layer's attention is recomputed within ITS OWN segments (window or full image, exactly
+  as the model attends), per head, then averaged. Per merged token a patch statistic is the mean over its 4 patches.
+  - ``attn_received_layers``: softmax probabilities averaged over heads and over all query rows of the image (no
+    [CLS] row exists), 4-patch mean: HiPrune's official Qwen2.5-VL code (column sums of the head-mean map, 4-patch
+    mean, un-permuted windows), with its Qwen setting object layer 16 (1-based) and the last layer of a 32-block
+    tower (``[15, -1]``, scaled to other depths). Both are full-attention blocks in the released Qwen2.5-VL.
+  - ``cls_attn`` (only for methods whose Qwen substitute is documented, see :data:`CLS_SUBSTITUTES`): the same
+    received-attention statistic of the last block (the features the merger reads; full attention in Qwen2.5-VL).
+  - ``keys``: keys after the vision RoPE (the ones the layer attends with), head mean, 4-patch mean.
+- Methods that need a [CLS] token without a documented Qwen substitute (VTC-CLS, HiRED, PruMerge, PruMerge+,
+  GlobalCom2) are unsupported (:meth:`Qwen2VLAdapter.unsupported` says why); LaVIT's optional ``cls_attn`` is not
+  provided (it scores by distinctiveness instead).
+- Positions: kept tokens keep their original M-RoPE ids (the caller's ``position_ids`` as ``generate`` passes them,
+  ``[4, B, L]`` text row + 3-D, or ``get_rope_index`` on the original sequence); ``model.model.rope_deltas`` is set as
+  the unpatched model sets it, and decode steps continue at ``max(original ids) + 1 + step`` (the unpatched model's
+  rule), not at the compacted length.
+- Videos are not reduced: a prompt with images and videos gets the video features at their placeholders (kept).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Reduction
+from ..methods import MethodInfo
+from .base import Adapter, Images
+from .capture import QKCapture, QKLayer
+from .pipeline import TOKEN_DIM, run_steps
+
+#: signals that only a [CLS] token can give
+CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
+
+#: methods whose ``cls_attn`` has a documented substitute on Qwen's CLS-less tower, with the source
+CLS_SUBSTITUTES: dict[str, str] = {
+    "visionzip": ("VisionZip's Qwen2.5-VL support ranks dominant tokens by the attention each token receives from all "
+                  "queries, as no [CLS] token exists (VisPruner's authors, Theia-4869/VisPruner#1; the maintainers on "
+                  "recomputing the tower's attention, JIA-Lab-research/VisionZip#24, #25; ModelTC/LightCompress's "
+                  "Qwen2.5-VL port: last block, heads averaged, summed over queries, 4-patch mean, post-RoPE keys)"),
+}
+
+#: Qwen-specific signal specs overriding the methods' LLaVA-referenced ``signal_spec`` (0-based block indices of a
+#: ``ref_depth``-block tower; negative ones count from the end)
+QWEN_SPECS: dict[str, dict[str, dict[str, Any]]] = {
+    "visionzip": {"cls_attn": {"layer": -1}, "keys": {"layer": -1}},
+    "hiprune": {"attn_received_layers": {"layers": [15, -1], "ref_depth": 32}},
+}
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The vision RoPE of Qwen2-VL on ``x [P, H, d]`` with ``cos``/``sin [P, d]`` (float32)."""
+    x = x.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.float()[:, None] + torch.cat([-x2, x1], dim=-1) * sin.float()[:, None]
+
+
+def received_attention(q: Tensor, k: Tensor, segments: Tensor, image: Tensor, local: Tensor, counts: Tensor,
+                       scale: float, max_elements: int = 1 << 26) -> Tensor:
+    """Attention each patch receives in one layer, recomputed within the layer's attention segments.
+
+    Args:
+        q, k: ``[P, H, d]`` queries / keys (RoPE applied) of the ``P`` patches of all images, tower order.
+        segments: ``[P]`` long, attention segment of each patch (patches attend only within their segment).
+        image, local: ``[P]`` long, image of each patch and its place among that image's patches.
+        counts: ``[I]`` patches per image.
+        scale: logit scale (``head_dim ** -0.5``).
+        max_elements: size of one chunk of logits (heads are processed in chunks).
+
+    Returns ``[P]`` float32: the softmax probabilities ``softmax(q k^T * scale)`` each patch receives as a key,
+    averaged over heads and over all query rows of its image.
+    """
+    n_img, pmax = counts.numel(), int(counts.max())
+    _, h, d = q.shape
+    qp = q.new_zeros(n_img, pmax, h, d, dtype=torch.float32)
+    kp = torch.zeros_like(qp)
+    qp[image, local] = q.float()
+    kp[image, local] = k.float()
+    qp, kp = qp.transpose(1, 2), kp.transpose(1, 2)  # [I, H, pmax, d]
+    seg = torch.full((n_img, pmax), -1, dtype=torch.long, device=q.device)
+    seg[image, local] = segments
+    valid = seg >= 0
+    blocked = (seg[:, :, None] != seg[:, None, :]) | ~valid[:, :, None]  # [I, query, key]
+    out = torch.zeros(n_img, pmax, dtype=torch.float32, device=q.device)
+    step = max(1, max_elements // max(1, n_img * pmax * pmax))
+    for h0 in range(0, h, step):  # chunks of heads bound the memory of the [I, h, pmax, pmax] logits
+        logits = (qp[:, h0:h0 + step] @ kp[:, h0:h0 + step].transpose(-1, -2)) * scale
+        probs = torch.softmax(logits.masked_fill(blocked[:, None], float("-inf")), dim=-1)
+        out += probs.masked_fill(~valid[:, None, :, None], 0.0).sum((1, 2))
+    out = out / (h * counts[:, None].float())
+    return out[image, local]
+
+
+@dataclass
+class QwenCapture(QKCapture):
+    """:class:`QKCapture` on the fused ``qkv`` projections plus a forward pre-hook on each block's attention that
+    records its ``cu_seqlens`` (attention segments) and ``position_embeddings`` (vision RoPE ``cos, sin [P, d]``)."""
+
+    attn_modules: Sequence[nn.Module] = field(default_factory=list)
+
+    def attach(self) -> None:
+        super().attach()
+        for i, module in enumerate(self.attn_modules):
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+
+    def _pre_hook(self, index: int):
+        def hook(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+            if self.active and index in self.wanted:
+                cos, sin = kwargs["position_embeddings"]
+                self.store.setdefault(index, {}).update(cu=kwargs["cu_seqlens"].detach(), cos=cos.detach(),
+                                                        sin=sin.detach())
+
+        return hook
+
+
+def _slot_map(red: Reduction, n: int) -> Tensor:
+    """``[G, n]`` output slot of each input token of ``red`` (``-1`` where dropped)."""
+    if red.assign is not None:
+        return red.assign
+    g, k = red.indices.shape
+    out = torch.full((g, n), -1, dtype=torch.long, device=red.indices.device)
+    rows = torch.arange(g, device=out.device)[:, None].expand(g, k)
+    slots = torch.arange(k, device=out.device).expand(g, k)
+    out[rows[red.mask], red.indices[red.mask]] = slots[red.mask]
+    return out
+
+
+def stack_reductions(parts: list[tuple[Tensor, Reduction, int]], n_images: int, n_tokens: int) -> Reduction:
+    """One :class:`Reduction` of ``n_images`` rows from ``(rows [G], reduction of those G images, their N)`` parts
+    (images grouped by grid); outputs padded to the largest count, ``assign`` to ``n_tokens`` inputs."""
+    k = max(r.tokens.shape[1] for _, r, _ in parts)
+    ref = parts[0][1]
+    tokens = ref.tokens.new_zeros(n_images, k, ref.tokens.shape[-1])
+    indices = torch.full((n_images, k), -1, dtype=torch.long, device=tokens.device)
+    mask = torch.zeros(n_images, k, dtype=torch.bool, device=tokens.device)
+    merged = any(r.assign is not None for _, r, _ in parts)
+    sized = any(r.sizes is not None for _, r, _ in parts)
+    assign = torch.full((n_images, n_tokens), -1, dtype=torch.long, device=tokens.device) if merged else None
+    sizes = tokens.new_zeros(n_images, k, dtype=torch.float32) if sized else None
+    for rows, r, n in parts:
+        kk = r.tokens.shape[1]
+        tokens[rows, :kk] = r.tokens
+        indices[rows, :kk] = r.indices
+        mask[rows, :kk] = r.mask
+        if assign is not None:
+            assign[rows, :n] = _slot_map(r, n)
+        if sizes is not None:
+            sizes[rows, :kk] = r.sizes.float() if r.sizes is not None else r.mask.float()
+    return Reduction(tokens, indices, mask, assign, sizes)
+
+
+def _select(name: str, value: Any, rows: Tensor, n: int) -> Any:
+    """Signal ``value`` of the images ``rows``, cut to their ``n`` tokens."""
+    if not isinstance(value, Tensor):
+        return value
+    value = value[rows]
+    if name == "attn":
+        return value[:, :n, :n]
+    dim = TOKEN_DIM.get(name)
+    return value if dim is None else value.narrow(dim, 0, n)
+
+
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL: merged 2 x 2 patch tokens, M-RoPE positions, full attention (per frame) in every vision block."""
+
+    family = "qwen2_vl"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
+    provides = frozenset({"cls_attn", "attn_received_layers", "keys", "vision_features", "text", "text_mask", "grid",
+                          "positions"})
+    #: the block whose output the merger reads (the last)
+    default_layer: ClassVar[int] = -1
+
+    def __init__(self, model: nn.Module, steps: list[Any]) -> None:
+        super().__init__(model, steps)
+        self._rope: Tensor | None = None  # original position ids of the current prefill ([3 or 4, B, L])
+
+    # ---- capability -------------------------------------------------------------------------------------------
+    @classmethod
+    def unsupported(cls, info: MethodInfo) -> str | None:
+        needs_cls = sorted(CLS_SIGNALS & set(info.signals))
+        if needs_cls and info.name not in CLS_SUBSTITUTES and info.stage in cls.stages:
+            return (f"{info.name!r} scores tokens by [CLS] attention ({', '.join(needs_cls)}); the {cls.family} vision "
+                    "tower has no [CLS] token and neither the paper nor the official code of "
+                    f"{info.name!r} defines a substitute for it")
+        return super().unsupported(info)
+
+    # ---- model parts ------------------------------------------------------------------------------------------
+    @property
+    def inner(self) -> Any:
+        return self.model.model
+
+    @property
+    def visual(self) -> Any:
+        return self.inner.visual
+
+    def image_token_mask(self, input_ids: Tensor) -> Tensor:
+        cfg = self.model.config
+        return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+
+    def make_capture(self) -> QKCapture | None:
+        blocks = self.visual.blocks
+        layers = [QKLayer(num_heads=b.attn.num_heads, qkv=b.attn.qkv, scale=b.attn.scaling) for b in blocks]
+        return QwenCapture(layers, attn_modules=[b.attn for b in blocks])
+
+    def window_index(self, grid_thw: Tensor) -> Tensor | None:
+        """``[S]`` merged-token order inside the tower (window-permuted), ``None`` when the tower keeps input order."""
+        return None
+
+    # ---- signal specs -----------------------------------------------------------------------------------------
+    def spec(self, info: MethodInfo, name: str) -> dict[str, Any]:
+        return {**info.signal_spec.get(name, {}), **QWEN_SPECS.get(info.name, {}).get(name, {})}
+
+    def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
+        """Vision blocks (non-negative) of a signal: the Qwen spec, else the method's, else the last block."""
+        spec = self.spec(info, name)
+        n = len(self.visual.blocks)
+        ref = int(spec.get("ref_depth", n))
+
+        def scale(layer: Any) -> int:
+            layer = self.default_layer if layer == "same" else int(layer)
+            if layer >= 0 and ref != n:
+                layer = min(n - 1, round(layer * n / ref))
+            if not -n <= layer < n:
+                raise ValueError(f"{self.family}: vision layer {layer} of {info.name!r} is out of range for a tower "
+                                 f"with {n} blocks")
+            return layer % n
+
+        if name == "attn_received_layers":
+            return [scale(v) for v in spec.get("layers", [n // 2, self.default_layer])]
+        return [scale(spec.get("layer", self.default_layer))]
+
+    def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
+        if name == "cls_attn" and info.name not in CLS_SUBSTITUTES:
+            return []
+        if name in ("cls_attn", "attn_received_layers", "keys"):
+            return self.spec_layers(info, name)
+        return []
+
+    # ---- encoding ---------------------------------------------------------------------------------------------
+    def encode(self, kw: dict[str, Any]) -> Images:
+        grid_thw = kw.get("image_grid_thw")
+        if grid_thw is None:
+            raise ValueError(f"{self.family} adapter: image_grid_thw is required with pixel_values")
+        visual = self.visual
+        unit = visual.spatial_merge_size ** 2
+        assert self.capture is not None
+        self.capture.store.clear()
+        self.capture.active = True
+        try:
+            out = visual(kw["pixel_values"].type(visual.dtype), grid_thw=grid_thw)
+        finally:
+            self.capture.active = False
+        merged = out.pooler_output  # [S, D], raster order per image
+        dev = merged.device
+        grid_thw = grid_thw.to(dev)
+        n = (grid_thw.prod(-1) // unit).long()  # [I] merged tokens per image
+        n_img, nmax = n.numel(), int(n.max())
+        img = torch.repeat_interleave(torch.arange(n_img, device=dev), n)
+        start = torch.cumsum(n, 0) - n
+        local = torch.arange(img.numel(), device=dev) - start[img]
+
+        input_ids = kw["input_ids"]
+        rows, cols = (input_ids == self.model.config.image_token_id).nonzero(as_tuple=True)
+        if rows.numel() != merged.shape[0]:
+            raise ValueError(f"{self.family} adapter: the prompt has {rows.numel()} image tokens but image_grid_thw "
+                             f"gives {merged.shape[0]} merged tokens")
+        sample = rows[start]
+        if not bool((rows == sample[img]).all()):
+            raise ValueError(f"{self.family} adapter: an image's placeholder tokens span two samples")
+        tokens = merged.new_zeros(n_img, nmax, merged.shape[-1])
+        tokens[img, local] = merged
+        columns = torch.full((n_img, nmax), -1, dtype=torch.long, device=dev)
+        columns[img, local] = cols
+        mask = None if bool((n == nmax).all()) else torch.arange(nmax, device=dev)[None, :] < n[:, None]
+
+        m = visual.spatial_merge_size
+        grids = torch.stack([grid_thw[:, 0] * grid_thw[:, 1] // m, grid_thw[:, 2] // m], dim=1)  # [I, 2] (rows, cols)
+        common = tuple(grids[0].tolist()) if bool((grids == grids[0]).all()) else None
+
+        # tower order -> per-image raster order of the merged tokens
+        order = self.window_index(grid_thw)
+        reverse = None if order is None else torch.argsort(order.to(dev))
+        p = out.last_hidden_state.shape[0]
+        p_img = torch.repeat_interleave(torch.arange(n_img, device=dev), n * unit)
+        p_local = torch.arange(p, device=dev) - (torch.cumsum(n * unit, 0) - n * unit)[p_img]
+        hidden = out.last_hidden_state.reshape(p // unit, -1)  # the merger's input per token, before ln_q
+        extra: dict[str, Any] = {"grids": grids, "counts": n, "img": img, "local": local, "reverse": reverse,
+                                 "p_img": p_img, "p_local": p_local, "unit": unit}
+        images = Images(tokens, columns, sample, common, lambda x: x, space="llm", mask=mask, extra=extra)
+        extra["vision_features"] = self.to_tokens(hidden, images)
+
+        pos = self._rope = self.rope_positions(kw, input_ids)
+        rope = pos[-3:] if pos.dim() == 3 else pos[None].expand(3, -1, -1)
+        extra["positions"] = rope.permute(1, 2, 0)[sample[:, None], columns.clamp(min=0)].masked_fill(
+            (columns < 0)[..., None], 0)  # [I, N, 3]
+        return images
+
+    def to_tokens(self, x: Tensor, images: Images) -> Tensor:
+        """Per-merged-token values ``[S, ...]`` in tower order -> ``[I, N, ...]`` (raster order, zero padding)."""
+        ex = images.extra
+        if ex["reverse"] is not None:
+            x = x[ex["reverse"]]
+        out = x.new_zeros(*images.tokens.shape[:2], *x.shape[1:])
+        out[ex["img"], ex["local"]] = x
+        return out
+
+    def pool(self, x: Tensor, images: Images) -> Tensor:
+        """Per-patch values ``[P, ...]`` (tower order) -> per-token means over the 2 x 2 patches ``[I, N, ...]``."""
+        unit = images.extra["unit"]
+        return self.to_tokens(x.reshape(x.shape[0] // unit, unit, *x.shape[1:]).mean(1), images)
+
+    def rope_positions(self, kw: dict[str, Any], input_ids: Tensor) -> Tensor:
+        """Original position ids of the prefill: the caller's (``[4, B, L]`` from ``generate``, or ``[3, B, L]``), else
+        ``get_rope_index`` on the original sequence (``[3, B, L]``; sets ``rope_deltas`` as the model does)."""
+        if kw.get("position_ids") is not None:
+            return kw["position_ids"]
+        past = kw.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            raise ValueError(f"{self.family} adapter: images after a non-empty cache need explicit position_ids "
+                             "(generate passes them)")
+        cfg = self.model.config
+        mm = kw.get("mm_token_type_ids")
+        if mm is None:
+            mm = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+        args = {"image_grid_thw": kw.get("image_grid_thw"), "video_grid_thw": kw.get("video_grid_thw"),
+                "attention_mask": kw.get("attention_mask")}
+        if "second_per_grid_ts" in inspect.signature(self.inner.get_rope_index).parameters:
+            args["second_per_grid_ts"] = kw.get("second_per_grid_ts")
+        pos, deltas = self.inner.get_rope_index(input_ids, mm, **args)
+        self.inner.rope_deltas = deltas
+        return pos
+
+    # ---- signals ----------------------------------------------------------------------------------------------
+    def rotated(self, layer: int) -> tuple[Tensor, Tensor, dict[str, Tensor], QKLayer]:
+        """q, k ``[P, H, d]`` of a captured block with the vision RoPE applied, its record and layer."""
+        assert self.capture is not None
+        q, k, spec = self.capture.qk(layer)
+        rec = self.capture.store[self.capture.resolve(layer)]
+        h = spec.num_heads
+        q = rotate(q.reshape(q.shape[0], h, -1), rec["cos"], rec["sin"])
+        k = rotate(k.reshape(k.shape[0], h, -1), rec["cos"], rec["sin"])
+        return q, k, rec, spec
+
+    def received(self, layer: int, images: Images) -> Tensor:
+        """``[I, N]`` attention each merged token receives in ``layer`` (see the module docstring)."""
+        cache = images.extra.setdefault("received", {})
+        if layer not in cache:
+            q, k, rec, spec = self.rotated(layer)
+            p = q.shape[0]
+            segments = torch.searchsorted(rec["cu"][1:].to(q.device).long(), torch.arange(p, device=q.device),
+                                          right=True)
+            ex = images.extra
+            counts = ex["counts"] * ex["unit"]
+            scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+            per_patch = received_attention(q, k, segments, ex["p_img"], ex["p_local"], counts, scale)
+            cache[layer] = self.pool(per_patch, images)
+        return cache[layer]
+
+    def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
+        if name == "cls_attn":
+            if info.name not in CLS_SUBSTITUTES:
+                return None
+            return self.received(self.spec_layers(info, name)[0], images)
+        if name == "attn_received_layers":
+            return torch.stack([self.received(i, images) for i in self.spec_layers(info, name)], dim=1)
+        if name == "keys":
+            _, k, _, _ = self.rotated(self.spec_layers(info, name)[0])
+            k = k.reshape(k.shape[0], -1) if self.spec(info, name).get("heads") == "full" else k.mean(1)
+            return self.pool(k, images)
+        if name == "vision_features":
+            if self.spec(info, name).get("space") == "clip_joint":
+                return images.tokens  # relevance to the prompt is measured in the LLM embedding space
+            return images.extra["vision_features"]
+        if name == "positions":
+            return images.extra["positions"]
+        return super().signal(name, info, images, kw)
+
+    # ---- reduction and splicing -------------------------------------------------------------------------------
+    def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
+        """One pipeline run on the padded images; when a method reads ``grid`` and the images' grids differ, one run
+        per distinct grid (each exact), stacked back into one row per image."""
+        uses_grid = any("grid" in (*s.info.signals, *s.info.optional_signals) for s in self.steps)
+        if images.grid is not None or not uses_grid:
+            return super().reduce_images(images, signals)
+        grids = images.extra["grids"]
+        keys, inverse = torch.unique(grids, dim=0, return_inverse=True)
+        parts, steps = [], []
+        for g in range(keys.shape[0]):  # one run per distinct image size
+            rows = (inverse == g).nonzero()[:, 0]
+            h, w = (int(v) for v in keys[g])
+            n = h * w
+            sig = {name: _select(name, v, rows, n) for name, v in signals.items()}
+            sig["grid"] = (h, w)
+            red = run_steps(self.steps, images.tokens[rows, :n], sig, images.project, images.space)
+            parts.append((rows, red, n))
+            steps.append(red.extras["steps"])
+        n_img, n_tok = images.tokens.shape[:2]
+        out = stack_reductions(parts, n_img, n_tok)
+        history = []
+        for i in range(len(self.steps)):  # the per-step reductions, stacked the same way (inputs: previous outputs)
+            widths = [n if i == 0 else s[i - 1].tokens.shape[1] for (_, _, n), s in zip(parts, steps, strict=True)]
+            group = [(rows, s[i], wd) for (rows, _, _), s, wd in zip(parts, steps, widths, strict=True)]
+            history.append(stack_reductions(group, n_img, max(widths)))
+        out.extras["steps"] = history
+        return out
+
+    def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
+        kw = dict(kw)
+        if kw.get("pixel_values_videos") is not None:
+            feats = self.inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw")).pooler_output
+            feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
+            video = input_ids == self.model.config.video_token_id
+            if int(video.sum()) != feats.shape[0]:
+                raise ValueError(f"{self.family} adapter: the prompt has {int(video.sum())} video tokens but the "
+                                 f"videos give {feats.shape[0]} features")
+            embeds = embeds.clone()
+            embeds[video] = feats
+        for name in ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            kw.pop(name, None)
+        mm = kw.pop("mm_token_type_ids", None)
+        positions = self._rope
+        assert positions is not None
+        kw["position_ids"] = positions
+        out = super().splice(kw, input_ids, embeds, keep)
+        assert self._state is not None
+        if mm is not None:
+            out["mm_token_type_ids"] = self._state.take(mm)
+        rope = positions[-3:] if positions.dim() == 3 else positions[None]
+        self._next_position = rope.amax(0).amax(1) + 1  # the unpatched model's first decode position
+        return out
+
+    def decode_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        past = kw.get("past_key_values")
+        if past is None or past.get_seq_length() == 0:  # a prefill without images: forget the last compaction
+            self._state = None
+            self._next_position = None
+            return kw
+        return super().decode_inputs(kw)
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: as Qwen2-VL, with windowed attention outside ``fullatt_block_indexes`` on a window-permuted patch
+    order (statistics are recomputed within each block's own windows and un-permuted)."""
+
+    family = "qwen2_5_vl"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def window_index(self, grid_thw: Tensor) -> Tensor | None:
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.visual
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                           patch_size=v.patch_size)
+        return index

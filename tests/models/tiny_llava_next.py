@@ -1,0 +1,69 @@
+"""A tiny random-weight LLaVA-NeXT built from configs (no hub), and any-resolution prompts for it.
+
+CLIP tower: 32 px images, 8 px patches (a 4 x 4 grid per view, CLS first), 3 layers; crops on a 32 px grid
+(``image_grid_pinpoints`` 32 x 64, 64 x 32, 64 x 64: 1 x 2, 2 x 1 or 2 x 2 crops plus the base view).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+IMAGE_TOKEN = 250
+VOCAB = 256
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT: CLIP tower (CLS + 4 x 4 patches per view, 3 layers), Llama LM (2 layers), fp32."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    cfg._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def image_tokens(model, size: tuple[int, int]) -> int:
+    """Placeholder tokens of one image of ``size = (H, W)``: the base view plus the unpadded crop canvas with one
+    newline per row (the model's own helpers)."""
+    cfg = model.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    rows, cols = get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    h, w = unpad_image(torch.zeros(1, rows * g, cols * g), list(size)).shape[1:]
+    return g * g + h * (w + 1)
+
+
+def llava_next_inputs(model, sizes: list[tuple[int, int]], lengths: list[tuple[int, int]] | None = None,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """One image of ``sizes[b] = (H, W)`` per sample between ``lengths[b] = (prefix, suffix)`` random text tokens;
+    left padding; ``pixel_values [B, P_max, 3, 32, 32]`` (random views, zero-padded) and ``image_sizes [B, 2]``."""
+    cfg = model.config
+    lengths = lengths or [(3, 5)] * len(sizes)
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.cat([torch.randint(1, 200, (p,), generator=g), torch.full((image_tokens(model, s),), IMAGE_TOKEN),
+                       torch.randint(1, 200, (q,), generator=g)]) for s, (p, q) in zip(sizes, lengths, strict=True)]
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - r.numel():] = r
+        mask[b, width - r.numel():] = 1
+    views = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+    px = cfg.vision_config.image_size
+    pixels = torch.zeros(len(sizes), max(views), 3, px, px)
+    for b, v in enumerate(views):
+        pixels[b, :v] = torch.randn(v, 3, px, px, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long)}
