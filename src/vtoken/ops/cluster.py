@@ -18,7 +18,7 @@ def medoid_distance(x: Tensor, metric: str = "euclidean", p: float = 2.0) -> Ten
     ``metric="euclidean"``: the ``p``-norm distance (``p = 2`` via the Gram matrix, otherwise ``torch.cdist``);
     ``metric="cosine"``: ``1 - <x_i, x_j>`` of ``x / (||x|| + 1e-6)``. Every off-diagonal entry is ``>= 0`` (up to
     rounding), so the ``-1`` diagonal makes each token strictly its own nearest point (a medoid always belongs to
-    its own cluster and is never re-picked by KKZ).
+    its own cluster and is never re-picked by KKZ). The matrix is made exactly symmetric.
     """
     if metric == "euclidean":
         if float(p) == 2.0:
@@ -30,6 +30,9 @@ def medoid_distance(x: Tensor, metric: str = "euclidean", p: float = 2.0) -> Ten
         d = 1.0 - xn @ xn.transpose(-1, -2)
     else:
         raise ValueError(f"distance must be 'euclidean' or 'cosine', got {metric!r}")
+    # exactly symmetric: d(i, j) and d(j, i) may round differently; the 2-member-cluster tie (both members cost
+    # d(i, j)) must stay an exact tie so that it breaks by lowest index in any batch
+    d = 0.5 * (d + d.transpose(-1, -2))
     return d.diagonal_scatter(torch.full(d.shape[:2], -1.0, dtype=d.dtype, device=d.device), dim1=-2, dim2=-1)
 
 
