@@ -42,7 +42,11 @@ lower FLOP rate than the LM; the LM head on one position is a memory-bound read 
 the FLOP ideal out of reach, and meas/bound is what is left for vtoken and the LM's small-shape efficiency to explain.
 
 The unpatched baseline is measured before and after the methods (pooled median); on a shared machine compare the
-two medians printed under the table before trusting small differences.
+two medians printed under the table before trusting small differences. There, use ``--threads 1 --clock cpu``: with
+two threads on a 2-core machine that other processes also load, OpenMP barriers stall whenever one thread loses its
+core (wall times 2-3x longer and far more spread); one thread's CPU time leaves out the time spent waiting for a core
+but still varies by about +-10-15% through shared caches and memory bandwidth (compare the "vision" column, the
+same work in every row).
 
     python benchmarks/prefill.py --quick                                     # smoke run, seconds
     python benchmarks/prefill.py --scale llava --repeats 3 --markdown out/prefill.md

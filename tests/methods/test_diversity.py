@@ -335,3 +335,19 @@ def test_registry_metadata() -> None:
     assert vtoken.get_method("mmtok").fixture == "mmtok" and not vtoken.get_method("todre").parity
     assert set(vtoken.get_method("cdpruner").signals) == {"vision_features", "text"}
     assert vtoken.get_method("mmtok").defaults == {"alpha": 0.5, "tv_temp": 0.02, "vv_temp": 0.2, "exclude": None}
+
+
+def test_cdpruner_row_on_demand_path_matches_full_kernel():
+    """K <= N/16 reads only the picked kernel rows; it must select exactly what the full N x N kernel selects."""
+    from vtoken.methods.cdpruner import instruction_relevance
+    from vtoken.ops.similarity import l2_normalize
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 400, 32, generator=g)
+    vf = torch.randn(3, 400, 16, generator=g)
+    text = torch.randn(3, 5, 16, generator=g)
+    red = vtoken.reduce(x, 20, "cdpruner", vision_features=vf, text=text)
+    xn = l2_normalize(x, 1e-12)
+    rel = instruction_relevance(vf, text)
+    full = greedy_map(conditional_kernel(xn @ xn.transpose(1, 2), rel), torch.full((3,), 20))
+    assert torch.equal(red.extras["order"], full)

@@ -9,12 +9,14 @@ Shapes: ``B`` batch, ``N`` items, ``K = max(counts)`` selected items.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .similarity import float32
 
-__all__ = ["conditional_kernel", "greedy_map"]
+__all__ = ["conditional_kernel", "greedy_map", "greedy_map_rows"]
 
 #: residual variances at or below this fraction of the largest diagonal entry count as exhausted (the kernel's
 #: numerical rank is used up): float32 rounding leaves residuals of ~1e-7 relative, so such picks would be noise
@@ -38,10 +40,20 @@ def conditional_kernel(similarity: Tensor, quality: Tensor, mask: Tensor | None 
 
 
 def greedy_map(kernel: Tensor, counts: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Fast greedy MAP inference of a DPP, batched over ``B``.
+    """Fast greedy MAP inference of a DPP with an explicit kernel ``[B, N, N]`` (see :func:`greedy_map_rows`)."""
+    kernel = float32(kernel)
+    ar = torch.arange(kernel.shape[0], device=kernel.device)
+    return greedy_map_rows(kernel.diagonal(dim1=1, dim2=2), lambda j: kernel[ar, j], counts, mask)
+
+
+def greedy_map_rows(diag: Tensor, row: Callable[[Tensor], Tensor], counts: Tensor,
+                    mask: Tensor | None = None) -> Tensor:
+    """Fast greedy MAP inference of a DPP, batched over ``B``, reading only the kernel rows it picks.
 
     Args:
-        kernel: ``[B, N, N]`` positive semi-definite DPP kernel ``L``.
+        diag: ``[B, N]`` the kernel's diagonal ``L_jj``.
+        row: ``row(j [B]) -> [B, N]`` the kernel row ``L[b, j[b], :]`` (computed on demand: ``K`` rows, never the
+            ``N x N`` matrix).
         counts: ``[B]`` long, items to select per sample (``1 <= counts[b] <=`` valid items of ``b``).
         mask: optional ``[B, N]`` bool, True on real items; others are never selected.
 
@@ -49,35 +61,34 @@ def greedy_map(kernel: Tensor, counts: Tensor, mask: Tensor | None = None) -> Te
     index), computes the new Cholesky row ``e = (L[j] - c[:i, j] . c[:i]) / sqrt(d2[j])`` and updates ``d2 -= e**2``:
     O(i * N) per step. Once the kernel's numerical rank is exhausted (``d2[j] <= 1e-5 * max(diag L)``) the new row
     is set to zero and the remaining picks go to the lowest remaining index, so the output never has NaN or duplicates
-and does not depend on rounding noise.
+    and does not depend on rounding noise.
 
     Returns:
         ``[B, K]`` long, the selection order, ``-1`` after ``counts[b]`` picks.
     """
-    kernel = float32(kernel)
-    b, n = kernel.shape[:2]
+    diag = float32(diag)
+    b, n = diag.shape
     k = int(counts.max())
-    ar = torch.arange(b, device=kernel.device)
-    diag = kernel.diagonal(dim1=1, dim2=2)
+    ar = torch.arange(b, device=diag.device)
     if mask is not None:
         diag = diag.masked_fill(~mask, 0.0)
-    tiny = (diag.amax(dim=1) * _RTOL).clamp_min(torch.finfo(kernel.dtype).tiny)
+    tiny = (diag.amax(dim=1) * _RTOL).clamp_min(torch.finfo(diag.dtype).tiny)
     d2 = diag.clone() if mask is None else diag.masked_fill(~mask, float("-inf"))
-    cis = kernel.new_zeros(k, b, n)
-    order = torch.empty(b, k, dtype=torch.long, device=kernel.device)
+    cis = diag.new_zeros(k, b, n)
+    order = torch.empty(b, k, dtype=torch.long, device=diag.device)
     for i in range(k):
         # exhausted residuals compare as exact zeros, so rank-deficient picks go to the lowest index, not to noise
         live = d2 > tiny[:, None]
         j = torch.where(live, d2, torch.where(torch.isinf(d2), d2, 0.0)).argmax(dim=1)
         order[:, i] = j
         dj = d2[ar, j]
-        row = kernel[ar, j]
+        r = float32(row(j))
         if i > 0:
-            row = row - torch.einsum("tb,tbn->bn", cis[:i, ar, j], cis[:i])
+            r = r - torch.einsum("tb,tbn->bn", cis[:i, ar, j], cis[:i])
         ok = dj > tiny
-        e = torch.where(ok[:, None], row / dj.clamp_min(tiny).sqrt()[:, None], 0.0)
+        e = torch.where(ok[:, None], r / dj.clamp_min(tiny).sqrt()[:, None], 0.0)
         cis[i] = e
         d2 = d2 - e * e
         d2[ar, j] = float("-inf")
-    keep = torch.arange(k, device=kernel.device)[None, :] < counts.to(kernel.device)[:, None]
+    keep = torch.arange(k, device=diag.device)[None, :] < counts.to(diag.device)[:, None]
     return torch.where(keep, order, -1)
