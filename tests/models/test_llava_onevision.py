@@ -12,16 +12,18 @@ import torch.nn.functional as F
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 import vtoken
+from tests.models import contract
+from tests.models.contract import logits
 from tests.models.tiny_onevision import IMAGE_TOKEN, VIDEO_TOKEN, onevision_inputs, sample_inputs, tiny_onevision
 from vtoken.methods import get_method
 from vtoken.models import families_supporting
 from vtoken.models.base import Handle
-from vtoken.models.llava_onevision import LlavaOnevisionAdapter, dominant_taps, image_layout, split_count
+from vtoken.models.llava_onevision import LlavaOnevisionAdapter, dominant_taps, image_layout
 from vtoken.models.pipeline import Step
+from vtoken.models.views import split_proportional
 
-SUPPORTED = [m.name for m in vtoken.methods() if LlavaOnevisionAdapter.unsupported(m) is None]
-ATTENTION = [m.name for m in vtoken.methods() if LlavaOnevisionAdapter.unsupported(m) is None
-             and {"cls_attn", "cls_attn_layers", "attn", "attn_received_layers", "keys"} & set(m.signals)]
+SUPPORTED = contract.supported(LlavaOnevisionAdapter)
+ATTENTION = contract.attention_methods(LlavaOnevisionAdapter)
 #: (60, 50): 2 x 2 crops, unpadded to 8 x 6 and downscaled to 6 x 4 (+ 6 newlines); (30, 50): 1 x 2 crops unpadded
 #: to 4 x 6 (+ 4 newlines). Both: 16 base tokens + 24 canvas tokens = 40 visual tokens.
 SIZES = [(60, 50), (30, 50)]
@@ -41,17 +43,12 @@ def inputs(model):
 
 @pytest.fixture(scope="module")
 def reference(model, inputs):
-    return _logits(model, inputs), model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return logits(model, inputs), model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
 
 @pytest.fixture(scope="module")
 def multi(model):
     return onevision_inputs(model, [(20, 30), (40, 40), (30, 90)], images_per_sample=MULTI, seed=3)
-
-
-@torch.no_grad()
-def _logits(model, inputs):
-    return model(**inputs).logits
 
 
 def _newline_columns(model, inputs):
@@ -71,7 +68,7 @@ def _newline_columns(model, inputs):
 
 
 def test_supported_methods_and_reasons():
-    expected = {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"}
+    expected = contract.pre_llm_methods()
     for m in vtoken.methods():
         why = LlavaOnevisionAdapter.unsupported(m)
         if m.name in expected and why is not None:
@@ -88,13 +85,13 @@ def test_supported_methods_and_reasons():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_split_count_is_proportional_and_exact():
+def test_split_proportional_is_proportional_and_exact():
     image = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
     prev = torch.tensor([16, 4, 4, 4, 4, 16, 12, 12])
-    assert split_count(8, prev, image, 2).tolist() == [4, 1, 1, 1, 1, 3, 3, 2]
-    assert split_count(3, prev, image, 2).tolist() == [2, 1, 0, 0, 0, 1, 1, 1]
-    assert split_count(100, prev, image, 2).tolist() == prev.tolist()
-    share = split_count(7, torch.tensor([5, 5, 5]), torch.tensor([0, 0, 0]), 1)
+    assert split_proportional(8, prev, image, 2).tolist() == [4, 1, 1, 1, 1, 3, 3, 2]
+    assert split_proportional(3, prev, image, 2).tolist() == [2, 1, 0, 0, 0, 1, 1, 1]
+    assert split_proportional(100, prev, image, 2).tolist() == prev.tolist()
+    share = split_proportional(7, torch.tensor([5, 5, 5]), torch.tensor([0, 0, 0]), 1)
     assert share.tolist() == [3, 2, 2]  # ties go to the earlier view
 
 
@@ -129,61 +126,37 @@ def test_layout_matches_the_models_packing(model, size):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# invariants for every supported method
+# invariants for every contract.supported method
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", SUPPORTED)
 def test_keep_all_gives_identical_logits_and_generation(model, inputs, reference, method):
-    ref, gen_ref = reference
-    with vtoken.apply(model, method, keep=1.0) as handle:
-        assert torch.equal(_logits(model, inputs), ref)
-        assert handle.last.mask.sum(1).tolist() == N_VISUAL
-        assert handle.last.extras["newlines"].tolist() == N_NEWLINES
-        idx = handle.last.indices
-        assert bool((idx[:, 1:] > idx[:, :-1]).all())
-        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen_ref)
+    def full(last):
+        assert last.mask.sum(1).tolist() == N_VISUAL
+        assert last.extras["newlines"].tolist() == N_NEWLINES
+        assert bool((last.indices[:, 1:] > last.indices[:, :-1]).all())
+
+    contract.check_keep_all(model, inputs, method, full, reference)
 
 
 @pytest.mark.parametrize("method", SUPPORTED)
 def test_remove_restores_exactly(model, inputs, reference, method):
-    ref = reference[0]
-    q_proj = model.model.vision_tower.encoder.layers[0].self_attn.q_proj
-    hooks_before = len(q_proj._forward_hooks)
-    handle = vtoken.apply(model, method, keep=8)
-    reduced = _logits(model, inputs)
-    assert reduced.shape[1] < ref.shape[1]
-    handle.remove()
-    assert "forward" not in model.__dict__
-    assert len(q_proj._forward_hooks) == hooks_before
-    assert torch.equal(_logits(model, inputs), ref)
-    handle.remove()  # idempotent
+    contract.check_remove(model, inputs, method, keep=8, reference=reference[0])
 
 
 @pytest.mark.parametrize("method", SUPPORTED)
 def test_batch_equals_each_sample(model, inputs, method):
-    with vtoken.apply(model, method, keep=8) as handle:
-        batch = _logits(model, inputs)[:, -1]
-        batch_idx = handle.last.indices.clone()
-        counts = handle.last.mask.sum(1)
-        if get_method(method).exact:
-            assert counts.tolist() == [8, 8]
-        assert bool((counts <= 8).all())
-        for b in range(2):
-            alone = _logits(model, sample_inputs(inputs, b))[:, -1]
-            assert handle.last.indices[0].tolist() == batch_idx[b][batch_idx[b] >= 0].tolist()
-            torch.testing.assert_close(alone[0], batch[b], atol=2e-5, rtol=1e-4)
+    last = contract.check_batch(model, inputs, method, 8, [sample_inputs(inputs, b) for b in range(2)])
+    counts = last.mask.sum(1)
+    if get_method(method).exact:
+        assert counts.tolist() == [8, 8]
+    assert bool((counts <= 8).all())
 
 
 @pytest.mark.parametrize("method", ["divprune", "visionzip", "random", "hiprune", "lavit_dynamic"])
 def test_cache_holds_only_kept_tokens(model, inputs, method):
-    with vtoken.apply(model, method, keep=8) as handle:
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-        kept = handle.last.mask.sum(1) + handle.last.extras["newlines"]
-    text = (inputs["input_ids"] != IMAGE_TOKEN).sum(1)  # padding columns stay (they are masked)
-    prefill = int((text + kept).max())
-    assert out.past_key_values.get_seq_length() == prefill + 4 - 1
-    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    contract.check_cache(model, inputs, method, 8)
 
 
 @pytest.mark.parametrize("method", ["divprune", "hiprune"])
@@ -199,7 +172,7 @@ def test_kept_tokens_keep_their_columns_and_positions(model, inputs, method):
     hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with vtoken.apply(model, method, keep=8) as handle:
-            got = _logits(model, inputs)
+            got = logits(model, inputs)
             counts = handle.last.mask.sum(1)
     finally:
         hook.remove()
@@ -210,6 +183,7 @@ def test_kept_tokens_keep_their_columns_and_positions(model, inputs, method):
                                                          image_sizes=inputs["image_sizes"]).pooler_output)
         full[ids == IMAGE_TOKEN] = feats
     newline = _newline_columns(model, inputs)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
     for b in range(2):
         real = seen["mask"][b].bool()
         cols = seen["pos"][b, real]
@@ -228,22 +202,13 @@ def test_kept_tokens_keep_their_columns_and_positions(model, inputs, method):
                 row_has = False
             else:
                 row_has |= c in kept
-        with torch.no_grad():
-            out = model(inputs_embeds=full[b : b + 1, cols], position_ids=cols[None],
-                        attention_mask=torch.ones(1, cols.numel(), dtype=torch.long)).logits
-        torch.testing.assert_close(got[b, -cols.numel():], out[0], atol=2e-5, rtol=1e-4)
+        keep[b, cols] = True
+    contract.check_hand_built(model, got, full, keep, amask)  # the model on exactly those columns, at their positions
 
 
 @pytest.mark.parametrize("method", ATTENTION)
 def test_sdpa_and_eager_select_identical_tokens(inputs, method):
-    chosen = []
-    for attn in ("sdpa", "eager"):
-        m = tiny_onevision(attn=attn)
-        assert m.config.vision_config._attn_implementation == attn
-        with vtoken.apply(m, method, keep=8) as handle:
-            _logits(m, inputs)
-            chosen.append(handle.last.indices.clone())
-    assert torch.equal(chosen[0], chosen[1])
+    contract.check_sdpa_eager(lambda attn: tiny_onevision(attn=attn), inputs, method, 8)
 
 
 def test_visionzip_cls_substitute_is_the_attention_received(inputs):
@@ -260,7 +225,7 @@ def test_visionzip_cls_substitute_is_the_attention_received(inputs):
             return recorded
 
         adapter.collect_signals = record
-        _logits(m, inputs)
+        logits(m, inputs)
     pixels = torch.cat([inputs["pixel_values"][0, :5], inputs["pixel_values"][1, :3]])
     with torch.no_grad():
         att = m.model.vision_tower(pixels, output_attentions=True).attentions[-2]  # [V, H, n, n]
@@ -304,7 +269,7 @@ def test_signals_are_available(model, inputs):
 
 def test_int_keep_is_split_over_views(model, inputs):
     with vtoken.apply(model, "divprune", keep=8) as handle:
-        _logits(model, inputs)
+        logits(model, inputs)
         views = handle.last.extras["views"]
         assert views.mask.sum(1).tolist() == [4, 1, 1, 1, 1, 3, 3, 2]
         assert handle.last.extras["view_image"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
@@ -314,39 +279,33 @@ def test_int_keep_is_split_over_views(model, inputs):
             own = views.indices[r][views.mask[r]] + 16 * int(pos[r])
             assert set(own.tolist()) <= set(handle.last.indices[img].tolist())
     with vtoken.apply(model, "divprune", keep=3) as handle:  # fewer than views: some views keep nothing
-        logits = _logits(model, inputs)
-        assert torch.isfinite(logits).all()
+        reduced = logits(model, inputs)
+        assert torch.isfinite(reduced).all()
         assert handle.last.mask.sum(1).tolist() == [3, 3]
         assert handle.last.extras["views"].mask.sum(1).tolist() == [1, 1, 1, 0, 0, 1, 1, 1]
         assert handle.last.extras["newlines"].tolist() == [1, 2]  # rows without a kept token lose their newline
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     with vtoken.apply(model, "divprune", keep=0.25) as handle:  # a ratio applies to every view
-        _logits(model, inputs)
+        logits(model, inputs)
         assert handle.last.extras["views"].mask.sum(1).tolist() == [4, 2, 2, 2, 2, 4, 3, 3]
 
 
 @pytest.mark.parametrize("method", ["divprune", "visionzip"])
 def test_multi_image_samples(model, multi, method):
-    ref = _logits(model, multi)
+    ref = logits(model, multi)
     with vtoken.apply(model, method, keep=1.0) as handle:
-        assert torch.equal(_logits(model, multi), ref)
+        assert torch.equal(logits(model, multi), ref)
         assert handle.last.extras["newlines"].tolist() == [1, 1, 3]
-    with vtoken.apply(model, method, keep=6) as handle:
-        batch = _logits(model, multi)[:, -1]
-        assert handle.last.indices.shape[0] == 3  # one row per image
-        assert bool((handle.last.mask.sum(1) <= 6).all())
-        batch_idx = handle.last.indices.clone()
-        for b, images in enumerate([[0, 1], [2]]):
-            alone = _logits(model, sample_inputs(multi, b, MULTI))[:, -1]
-            for k, i in enumerate(images):
-                assert handle.last.indices[k][handle.last.mask[k]].tolist() == batch_idx[i][batch_idx[i] >= 0].tolist()
-            torch.testing.assert_close(alone[0], batch[b], atol=2e-5, rtol=1e-4)
+    samples = [sample_inputs(multi, b, MULTI) for b in range(len(MULTI))]
+    last = contract.check_batch(model, multi, method, 6, samples, image_sample=[0, 0, 1])
+    assert last.indices.shape[0] == 3  # one row per image
+    assert bool((last.mask.sum(1) <= 6).all())
 
 
 def test_composition_runs_in_stage_order(model, inputs):
     with vtoken.apply(model, [("visionzip", {"keep": 16}), ("divprune", {"keep": 8})]) as handle:
-        _logits(model, inputs)
+        logits(model, inputs)
         views = handle.last.extras["views"]
         first, second = views.extras["steps"]
         assert first.mask.sum(1).tolist() == [7, 3, 2, 2, 2, 6, 5, 5]  # 16 split over [16, 6, 6, 6, 6] / [16, 12, 12]
@@ -364,45 +323,30 @@ def test_videos_in_the_same_call_pass_through(model, inputs):
             for b, p in enumerate(pad)]
     video = dict(inputs, input_ids=torch.stack(rows), attention_mask=(torch.stack(rows) != 0).long(),
                  pixel_values_videos=torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
-    ref = _logits(model, video)
+    ref = logits(model, video)
     with vtoken.apply(model, "divprune", keep=1.0):
-        assert torch.equal(_logits(model, video), ref)
+        assert torch.equal(logits(model, video), ref)
     with vtoken.apply(model, "divprune", keep=8) as handle:
-        out = _logits(model, video)
+        out = logits(model, video)
         kept = handle.last.mask.sum(1) + handle.last.extras["newlines"]
     assert out.shape[1] == int(((video["input_ids"] != IMAGE_TOKEN).sum(1) + kept).max())  # video tokens all stay
 
 
 def test_labels_are_compacted(model, inputs):
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    with vtoken.apply(model, "divprune", keep=8):
-        out = model(**inputs, labels=labels)
-    assert torch.isfinite(out.loss)
+    contract.check_labels(model, inputs)
 
 
 def test_errors_leave_the_model_unpatched(model, inputs):
-    ref = _logits(model, inputs)
-    with pytest.raises(ValueError, match="no CLS token"):
-        vtoken.apply(model, "hired", keep=8)
-    with pytest.raises(ValueError, match="no CLS token"):
-        vtoken.apply(model, ["divprune", "vtc_cls"], keep=8)
-    with pytest.raises(ValueError, match="stage 'encoder'"):
-        vtoken.apply(model, "tome", keep=8)
-    with pytest.raises(ValueError, match="token_shuffle"):
-        vtoken.apply(model, "token_shuffle", keep=16)
-    with pytest.raises(ValueError, match="unknown method"):
-        vtoken.apply(model, "nope", keep=8)
-    with pytest.raises(ValueError, match="keep"):
-        vtoken.apply(model, "divprune", keep=0)
-    with pytest.raises(TypeError, match="bogus"):
-        vtoken.apply(model, "divprune", keep=8, bogus=1)
-    assert "forward" not in model.__dict__
-    with vtoken.apply(model, "divprune", keep=8):
-        with pytest.raises(ValueError, match="image_sizes"):
-            model(**{k: v for k, v in inputs.items() if k != "image_sizes"})
-        with pytest.raises(ValueError, match="'full'"):
-            model(**inputs, vision_feature_select_strategy="default")
-        with pytest.raises(ValueError, match="already"):
-            vtoken.apply(model, "random", keep=8)
-    assert "forward" not in model.__dict__
-    assert torch.equal(_logits(model, inputs), ref)
+    no_sizes = {k: v for k, v in inputs.items() if k != "image_sizes"}
+    contract.check_errors(model, inputs, [
+        (ValueError, "no CLS token", "hired", {"keep": 8}),
+        (ValueError, "no CLS token", ["divprune", "vtc_cls"], {"keep": 8}),
+        (ValueError, "stage 'encoder'", "tome", {"keep": 8}),
+        (ValueError, "token_shuffle", "token_shuffle", {"keep": 16}),
+        (ValueError, "unknown method", "nope", {"keep": 8}),
+        (ValueError, "keep", "divprune", {"keep": 0}),
+        (TypeError, "bogus", "divprune", {"keep": 8, "bogus": 1}),
+    ], failing=[
+        ("divprune", {"keep": 8}, no_sizes, ValueError, "image_sizes"),
+        ("divprune", {"keep": 8}, dict(inputs, vision_feature_select_strategy="default"), ValueError, "'full'"),
+    ])

@@ -7,13 +7,16 @@ import pytest
 import torch
 
 import vtoken
+from tests.models import contract
+from tests.models.contract import logits
 from tests.models.tiny_qwen import IMAGE_TOKEN, PIXELS, TINY, VIDEO_TOKEN, qwen_inputs, sample_inputs
 from vtoken.methods import get_method
 from vtoken.models import families_supporting
-from vtoken.models.qwen2_vl import CLS_SIGNALS, CLS_SUBSTITUTES, Qwen2VLAdapter, Qwen25VLAdapter
+from vtoken.models.base import CLS_SIGNALS
+from vtoken.models.qwen2_vl import CLS_SUBSTITUTES, Qwen2VLAdapter, Qwen25VLAdapter
 
 FAMILIES = list(TINY)
-SUPPORTED = [m.name for m in vtoken.methods() if Qwen2VLAdapter.unsupported(m) is None]
+SUPPORTED = contract.supported(Qwen2VLAdapter)
 ATTENTION = ["visionzip", "hiprune"]
 GEN = {"max_new_tokens": 2, "do_sample": False}
 # three samples, three image sizes (16, 12, 12 merged tokens; the 3 x 4 grid has partial Qwen2.5-VL windows), left
@@ -38,16 +41,6 @@ def reference(models, inputs):
         return {name: (m(**inputs).logits, m.generate(**inputs, **GEN)) for name, m in models.items()}
 
 
-@torch.no_grad()
-def _logits(model, inputs):
-    return model(**inputs).logits
-
-
-def _hooks(model) -> int:
-    blocks = model.model.visual.blocks
-    return sum(len(b.attn.qkv._forward_hooks) + len(b.attn._forward_pre_hooks) for b in blocks)
-
-
 def test_supported_methods_and_reasons():
     expected = {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"
                 and m.needs_keep and set(m.signals) <= Qwen2VLAdapter.provides
@@ -68,39 +61,24 @@ def test_keep_all_is_identical_and_remove_restores(models, inputs, reference, fa
     """keep=1.0: logits and generate equal the unpatched model's; after a reducing handle, remove() restores the model
     bit-exactly and leaves no hooks."""
     model = models[family]
-    ref, gen_ref = reference[family]
-    hooks = _hooks(model)
-    with vtoken.apply(model, method, keep=1.0) as handle:
-        assert torch.equal(_logits(model, inputs), ref)
-        idx = handle.last.indices
-        n = inputs["image_grid_thw"].prod(-1) // 4
+    n = inputs["image_grid_thw"].prod(-1) // 4
+
+    def full(last):
+        idx = last.indices
         assert idx.tolist() == [list(range(int(k))) + [-1] * (idx.shape[1] - int(k)) for k in n]
-        assert torch.equal(model.generate(**inputs, **GEN), gen_ref)
-    handle = vtoken.apply(model, method, keep=6)
-    assert _hooks(model) > hooks
-    assert _logits(model, inputs).shape[1] < ref.shape[1]
-    handle.remove()
-    assert "forward" not in model.__dict__
-    assert _hooks(model) == hooks
-    assert torch.equal(_logits(model, inputs), ref)
-    handle.remove()  # idempotent
+
+    contract.check_keep_all(model, inputs, method, full, reference[family], GEN["max_new_tokens"])
+    contract.check_remove(model, inputs, method, keep=6, reference=reference[family][0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", SUPPORTED)
 def test_batch_equals_each_sample(models, inputs, family, method):
     """Different prompts, image sizes and (ratio) kept counts per sample; each sample alone gives the same."""
-    model = models[family]
-    with vtoken.apply(model, method, keep=0.5) as handle:
-        batch = _logits(model, inputs)[:, -1]
-        batch_idx = handle.last.indices.clone()
-        counts = handle.last.mask.sum(1)
-        for b in range(len(GRIDS)):
-            alone = _logits(model, sample_inputs(inputs, b))[:, -1]
-            assert handle.last.indices[0].tolist() == batch_idx[b][batch_idx[b] >= 0].tolist()
-            torch.testing.assert_close(alone[0], batch[b], atol=2e-5, rtol=1e-4)
+    samples = [sample_inputs(inputs, b) for b in range(len(GRIDS))]
+    last = contract.check_batch(models[family], inputs, method, 0.5, samples)
     if get_method(method).exact:
-        assert counts.tolist() == [8, 6, 6]
+        assert last.mask.sum(1).tolist() == [8, 6, 6]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -110,25 +88,15 @@ def test_several_images_per_sample(models, family):
     with torch.no_grad():
         ref = model(**inputs).logits
     with vtoken.apply(model, "divprune", keep=1.0):
-        assert torch.equal(_logits(model, inputs), ref)
-    with vtoken.apply(model, "uniform", keep=3) as handle:
-        batch = _logits(model, inputs)[:, -1]
-        assert handle.last.mask.sum(1).tolist() == [3, 3, 3]
-        for b in range(2):
-            torch.testing.assert_close(_logits(model, sample_inputs(inputs, b))[0, -1], batch[b], atol=2e-5,
-                                       rtol=1e-4)
+        assert torch.equal(logits(model, inputs), ref)
+    last = contract.check_batch(model, inputs, "uniform", 3, [sample_inputs(inputs, b) for b in range(2)], [0, 0, 1])
+    assert last.mask.sum(1).tolist() == [3, 3, 3]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["divprune", "visionzip", "lavit_dynamic"])
 def test_cache_holds_only_kept_tokens(models, inputs, family, method):
-    model = models[family]
-    with vtoken.apply(model, method, keep=6) as handle:
-        out = model.generate(**inputs, **GEN, return_dict_in_generate=True)
-        kept = handle.last.mask.sum(1)
-    text = (inputs["input_ids"] != IMAGE_TOKEN).sum(1)  # padding columns stay (they are masked)
-    assert out.past_key_values.get_seq_length() == int((text + kept).max()) + GEN["max_new_tokens"] - 1
-    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
+    contract.check_cache(models[family], inputs, method, 6, max_new_tokens=GEN["max_new_tokens"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,24 +106,21 @@ def test_kept_tokens_keep_their_mrope_positions(models, inputs, family, method):
     ORIGINAL 3-D position ids (from ``get_rope_index`` on the full sequence)."""
     model = models[family]
     with vtoken.apply(model, method, keep=6) as handle:
-        got = _logits(model, inputs)
+        got = logits(model, inputs)
         kept, tokens, valid = handle.last.indices, handle.last.tokens, handle.last.mask
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
         pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
                                             attention_mask=mask)
         embeds = model.get_input_embeddings()(ids)
-        for b in range(len(GRIDS)):
-            cols = (ids[b] == IMAGE_TOKEN).nonzero()[:, 0]
-            embeds[b, cols[kept[b][valid[b]]]] = tokens[b][valid[b]]
-            keep = ids[b] != IMAGE_TOKEN
-            keep[cols[kept[b][valid[b]]]] = True
-            real = keep & mask[b].bool()
-            out = model(inputs_embeds=embeds[b : b + 1, real], position_ids=pos[:, b : b + 1, real],
-                        attention_mask=torch.ones(1, int(real.sum()), dtype=torch.long)).logits
-            torch.testing.assert_close(got[b, -int(real.sum()):], out[0], atol=2e-5, rtol=1e-4)
-            # the reduced sequence is really shorter than the original positions span
-            assert int(real.sum()) < int(mask[b].sum())
+    keep = ids != IMAGE_TOKEN
+    for b in range(len(GRIDS)):
+        cols = (ids[b] == IMAGE_TOKEN).nonzero()[:, 0]
+        embeds[b, cols[kept[b][valid[b]]]] = tokens[b][valid[b]]
+        keep[b, cols[kept[b][valid[b]]]] = True
+    real = contract.check_hand_built(model, got, embeds, keep, mask, lambda b, columns: pos[:, b : b + 1, columns])
+    for b in range(len(GRIDS)):  # the reduced sequence is really shorter than the original positions span
+        assert int(real[b].sum()) < int(mask[b].sum())
 
 
 def _record_positions(model):
@@ -217,25 +182,18 @@ def test_decode_positions_continue_the_original_sequence(models, inputs, family)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rope_deltas_as_the_unpatched_model_sets_them(models, inputs, family):
     model = models[family]
-    _logits(model, inputs)
+    logits(model, inputs)
     ref = model.model.rope_deltas.clone()
     model.model.rope_deltas = None
     with vtoken.apply(model, "divprune", keep=4):
-        _logits(model, inputs)
+        logits(model, inputs)
     assert torch.equal(model.model.rope_deltas, ref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ATTENTION)
 def test_sdpa_and_eager_select_identical_tokens(inputs, family, method):
-    chosen = []
-    for attn in ("sdpa", "eager"):
-        m = TINY[family](attn=attn)
-        assert m.config.vision_config._attn_implementation == attn
-        with vtoken.apply(m, method, keep=6) as handle:
-            _logits(m, inputs)
-            chosen.append(handle.last.indices.clone())
-    assert torch.equal(chosen[0], chosen[1])
+    contract.check_sdpa_eager(lambda attn: TINY[family](attn=attn), inputs, method, 6)
 
 
 def _encoded(model, method, inputs):
@@ -351,7 +309,7 @@ def test_visionzip_substitute_keys_features_and_positions(models, inputs, family
 def test_composition_runs_in_stage_order(models, inputs, family):
     model = models[family]
     with vtoken.apply(model, [("visionzip", {"keep": 10}), ("uniform", {"keep": 4})]) as handle:
-        _logits(model, inputs)
+        logits(model, inputs)
         steps = handle.last.extras["steps"]
         assert [s.mask.sum(1).tolist() for s in steps] == [[10, 10, 10], [4, 4, 4]]
         assert handle.last.mask.sum(1).tolist() == [4, 4, 4]
@@ -360,11 +318,7 @@ def test_composition_runs_in_stage_order(models, inputs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_compacted(models, inputs, family):
-    model = models[family]
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    with vtoken.apply(model, "divprune", keep=6):
-        out = model(**inputs, labels=labels)
-    assert torch.isfinite(out.loss)
+    contract.check_labels(models[family], inputs, keep=6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -385,51 +339,30 @@ def test_text_only_and_video_prompts(models, family):
         ref_text, ref_video = model(**text).logits, model(**video).logits
     gen_text = model.generate(**text, **GEN)
     with vtoken.apply(model, "divprune", keep=1.0):
-        assert torch.equal(_logits(model, video), ref_video)
+        assert torch.equal(logits(model, video), ref_video)
     with vtoken.apply(model, "divprune", keep=2) as handle:
         model.generate(**image, **GEN)
         assert torch.equal(model.generate(**text, **GEN), gen_text)
-        assert torch.equal(_logits(model, text), ref_text)
-        out = _logits(model, video)
+        assert torch.equal(logits(model, text), ref_text)
+        out = logits(model, video)
         assert out.shape[1] == video_ids.shape[1] - 2  # 4 image tokens -> 2; the 8 video tokens stay
         assert handle.last.mask.sum().item() == 2
 
 
 def test_two_models_side_by_side(inputs):
-    a, b = TINY["qwen2_5_vl"](seed=0), TINY["qwen2_5_vl"](seed=0)
-    ref_b = _logits(b, inputs)
-    with vtoken.apply(a, "divprune", keep=6) as ha:
-        assert "forward" not in b.__dict__
-        assert torch.equal(_logits(b, inputs), ref_b)
-        with vtoken.apply(b, "random", keep=4) as hb:
-            _logits(a, inputs)
-            _logits(b, inputs)
-            assert ha.last.mask.sum(1).tolist() == [6, 6, 6]
-            assert hb.last.mask.sum(1).tolist() == [4, 4, 4]
+    contract.check_two_models(TINY["qwen2_5_vl"](seed=0), TINY["qwen2_5_vl"](seed=0), inputs, 6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_errors_leave_the_model_unpatched(models, inputs, reference, family):
-    model = models[family]
-    hooks = _hooks(model)
-    for method in ("vtc_cls", "hired", "prumerge", "prumerge_plus"):
-        with pytest.raises(ValueError, match=r"\[CLS\]"):
-            vtoken.apply(model, method, keep=6)
-    with pytest.raises(ValueError, match="encoder"):
-        vtoken.apply(model, "tome", keep=6)
-    with pytest.raises(ValueError, match="token_shuffle"):
-        vtoken.apply(model, "token_shuffle", keep=6)
-    with pytest.raises(ValueError, match="keep"):
-        vtoken.apply(model, "divprune", keep=0)
-    with pytest.raises(TypeError, match="bogus"):
-        vtoken.apply(model, "divprune", keep=6, bogus=1)
-    assert "forward" not in model.__dict__ and _hooks(model) == hooks
-    with vtoken.apply(model, "divprune", keep=6), pytest.raises(ValueError, match="already"):
-        vtoken.apply(model, "random", keep=6)
-    assert "forward" not in model.__dict__ and _hooks(model) == hooks
     ids = inputs["input_ids"].clone()
     ids[0, (ids[0] == IMAGE_TOKEN).nonzero()[0, 0]] = 5  # one placeholder short
-    bad = dict(inputs, input_ids=ids)
-    with vtoken.apply(model, "divprune", keep=6), pytest.raises(ValueError, match="image tokens"):
-        _logits(model, bad)
-    assert torch.equal(_logits(model, inputs), reference[family][0])
+    cls_methods = ("vtc_cls", "hired", "prumerge", "prumerge_plus")
+    contract.check_errors(models[family], inputs, [
+        *[(ValueError, r"\[CLS\]", method, {"keep": 6}) for method in cls_methods],
+        (ValueError, "encoder", "tome", {"keep": 6}),
+        (ValueError, "token_shuffle", "token_shuffle", {"keep": 6}),
+        (ValueError, "keep", "divprune", {"keep": 0}),
+        (TypeError, "bogus", "divprune", {"keep": 6, "bogus": 1}),
+    ], failing=[("divprune", {"keep": 6}, dict(inputs, input_ids=ids), ValueError, "image tokens")], keep=6,
+        reference=reference[family][0])

@@ -10,11 +10,12 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3VisionConfig,
-    LlamaConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMVisionConfig,
 )
+
+from tests.models.tiny import TOWER, build, left_pad, text_config, text_tokens, unpadded_ids
 
 IMAGE_TOKEN, FAKE, GLOBAL, NEWLINE = 250, 251, 252, 253
 ROW_COL = 260  # <row_i_col_j> = ROW_COL + 4 * (i - 1) + (j - 1)
@@ -27,14 +28,10 @@ def tiny_idefics3(attn: str = "sdpa", seed: int = 0, smol: bool = False):
     torch.manual_seed(seed)
     vcls, ccls, mcls = ((SmolVLMVisionConfig, SmolVLMConfig, SmolVLMForConditionalGeneration) if smol else
                         (Idefics3VisionConfig, Idefics3Config, Idefics3ForConditionalGeneration))
-    vision = vcls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=4)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
-    cfg = ccls(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, scale_factor=2)
-    for c in (cfg, cfg.vision_config, cfg.text_config):
-        c._attn_implementation = attn
-    return mcls(cfg).eval()
+    vision = vcls(**TOWER, image_size=32, patch_size=4)
+    cfg = ccls(vision_config=vision, text_config=text_config(vocab_size=VOCAB), image_token_id=IMAGE_TOKEN,
+               scale_factor=2)
+    return build(mcls, cfg, attn)
 
 
 def image_prompt(rows: int, cols: int) -> list[int]:
@@ -58,18 +55,13 @@ def idefics3_inputs(layout: list[list[tuple[int, int]]], lengths: list[tuple[int
     lengths = lengths or [(3 + b, 5 - b) for b in range(len(layout))]
     rows, views = [], []
     for images, (p, s) in zip(layout, lengths, strict=True):
-        parts = [torch.randint(1, 200, (p,), generator=g)]
+        parts = [text_tokens(p, g)]
         for r, c in images:
-            parts += [torch.tensor(image_prompt(r, c)), torch.randint(1, 200, (2,), generator=g)]
-        parts.append(torch.randint(1, 200, (s,), generator=g))
+            parts += [torch.tensor(image_prompt(r, c)), text_tokens(2, g)]
+        parts.append(text_tokens(s, g))
         rows.append(torch.cat(parts))
         views.append(sum(r * c + 1 for r, c in images))
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - r.numel():] = r
-        mask[b, width - r.numel():] = 1
+    ids, mask = left_pad(rows)
     pixels = torch.zeros(len(layout), max(views), 3, 32, 32)
     pg = torch.Generator().manual_seed(seed + 1)
     for b, v in enumerate(views):
@@ -86,8 +78,7 @@ def idefics3_inputs(layout: list[list[tuple[int, int]]], lengths: list[tuple[int
 
 def sample_inputs(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
     """Sample ``b`` of a batch alone (padding removed)."""
-    real = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b : b + 1, real], "pixel_values": inputs["pixel_values"][b : b + 1]}
+    out = {"input_ids": unpadded_ids(inputs, b), "pixel_values": inputs["pixel_values"][b : b + 1]}
     if "pixel_attention_mask" in inputs:
         out["pixel_attention_mask"] = inputs["pixel_attention_mask"][b : b + 1]
     return out

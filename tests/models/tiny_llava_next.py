@@ -7,32 +7,27 @@ CLIP tower: 32 px images, 8 px patches (a 4 x 4 grid per view, CLS first), 3 lay
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
     unpad_image,
 )
 
+from tests.models.tiny import TOWER, build, left_pad, text_config, text_tokens, unpadded_ids
+
 IMAGE_TOKEN = 250
-VOCAB = 256
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def tiny_llava_next(attn: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
     """LLaVA-NeXT: CLIP tower (CLS + 4 x 4 patches per view, 3 layers), Llama LM (2 layers), fp32."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+    vision = CLIPVisionConfig(**TOWER, image_size=32, patch_size=8, projection_dim=32)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text_config(), image_token_id=IMAGE_TOKEN,
                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
-    cfg._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    return LlavaNextForConditionalGeneration(cfg).eval()
+    return build(LlavaNextForConditionalGeneration, cfg, attn)
 
 
 def image_tokens(model, size: tuple[int, int]) -> int:
@@ -52,14 +47,8 @@ def llava_next_inputs(model, sizes: list[tuple[int, int]], lengths: list[tuple[i
     cfg = model.config
     lengths = lengths or [(3, 5)] * len(sizes)
     g = torch.Generator().manual_seed(seed)
-    rows = [torch.cat([torch.randint(1, 200, (p,), generator=g), torch.full((image_tokens(model, s),), IMAGE_TOKEN),
-                       torch.randint(1, 200, (q,), generator=g)]) for s, (p, q) in zip(sizes, lengths, strict=True)]
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - r.numel():] = r
-        mask[b, width - r.numel():] = 1
+    ids, mask = left_pad([torch.cat([text_tokens(p, g), torch.full((image_tokens(model, s),), IMAGE_TOKEN),
+                                     text_tokens(q, g)]) for s, (p, q) in zip(sizes, lengths, strict=True)])
     views = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
     px = cfg.vision_config.image_size
     pixels = torch.zeros(len(sizes), max(views), 3, px, px)
@@ -67,3 +56,9 @@ def llava_next_inputs(model, sizes: list[tuple[int, int]], lengths: list[tuple[i
         pixels[b, :v] = torch.randn(v, 3, px, px, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
             "image_sizes": torch.tensor(sizes, dtype=torch.long)}
+
+
+def sample_inputs(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """Sample ``b`` of :func:`llava_next_inputs` alone, without padding."""
+    return {"input_ids": unpadded_ids(inputs, b), "pixel_values": inputs["pixel_values"][b : b + 1],
+            "image_sizes": inputs["image_sizes"][b : b + 1]}

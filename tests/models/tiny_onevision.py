@@ -11,9 +11,10 @@ from transformers import (
 )
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+from tests.models.tiny import TOWER, build, left_pad, text_config, text_tokens, unpadded_ids
+
 IMAGE_TOKEN = 250
 VIDEO_TOKEN = 251
-VOCAB = 256
 #: crop layouts for a 32 px tower: 1x1, 1x2, 2x1, 2x2, 1x3 and 3x1 crops of 32 px
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 
@@ -24,19 +25,12 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, aspect: str = "anyres_max_
     Qwen2 LM (2 layers), fp32. ``aspect="anyres_max_2"`` downscales crop grids larger than ~2.4 views of tokens, so a
     2 x 2-crop image is bilinearly resized while a 1 x 2-crop one is not."""
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                image_size=32, patch_size=8, vision_use_head=False)
-    text = Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                       tie_word_embeddings=False)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                               video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
+    vision = SiglipVisionConfig(**TOWER, image_size=32, patch_size=8, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text_config(Qwen2Config, tie_word_embeddings=False),
+                               image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
                                vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
                                vision_aspect_ratio=aspect)
-    cfg._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return build(LlavaOnevisionForConditionalGeneration, cfg, attn)
 
 
 @torch.no_grad()
@@ -75,18 +69,13 @@ def onevision_inputs(model, sizes: list[tuple[int, int]] | None = None, lengths:
     gt = torch.Generator().manual_seed(seed)
     rows, k = [], 0
     for (p, s), n in zip(lengths, images_per_sample, strict=True):
-        parts = [torch.randint(1, 200, (p,), generator=gt)]
+        parts = [text_tokens(p, gt)]
         for _ in range(n):
-            parts += [torch.full((n_tokens[k],), IMAGE_TOKEN), torch.randint(1, 200, (1,), generator=gt)]
+            parts += [torch.full((n_tokens[k],), IMAGE_TOKEN), text_tokens(1, gt)]
             k += 1
-        parts.append(torch.randint(1, 200, (s,), generator=gt))
+        parts.append(text_tokens(s, gt))
         rows.append(torch.cat(parts))
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - r.numel():] = r
-        mask[b, width - r.numel():] = 1
+    ids, mask = left_pad(rows)
     out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}
     if bni is not None:
         out["batch_num_images"] = bni
@@ -98,8 +87,7 @@ def sample_inputs(inputs: dict[str, torch.Tensor], b: int, images_per_sample: li
     """Sample ``b`` of a batch from :func:`onevision_inputs`, alone and without padding."""
     per = images_per_sample or [1] * inputs["input_ids"].shape[0]
     start = sum(per[:b])
-    real = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b : b + 1, real],
+    out = {"input_ids": unpadded_ids(inputs, b),
            "pixel_values": inputs["pixel_values"][start : start + per[b]],
            "image_sizes": inputs["image_sizes"][start : start + per[b]]}
     if "batch_num_images" in inputs:

@@ -11,23 +11,21 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from tests.models.tiny import TEXT, VOCAB, build, left_pad, text_tokens, unpadded_ids
+
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
-VOCAB = 256
 PATCH, TEMPORAL = 2, 2
 PIXELS = 3 * TEMPORAL * PATCH * PATCH  # one row of pixel_values
 
-TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})
+#: the text config as a dict (the Qwen configs build it themselves), with M-RoPE sections
+QWEN_TEXT = dict(vocab_size=VOCAB, **TEXT, bos_token_id=None, eos_token_id=None,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0})
 TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
               vision_end_token_id=VISION_END)
 
 
 def _finish(model_cls, cfg, attn: str):
-    cfg._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    model = model_cls(cfg).eval()
+    model = build(model_cls, cfg, attn)
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None
     return model
@@ -38,7 +36,7 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGen
     torch.manual_seed(seed)
     vision = dict(depth=3, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=PATCH,
                   spatial_merge_size=2, temporal_patch_size=TEMPORAL, in_channels=3)
-    cfg = Qwen2VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
+    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=vision, **TOKENS)
     return _finish(Qwen2VLForConditionalGeneration, cfg, attn)
 
 
@@ -49,7 +47,7 @@ def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForCondition
     vision = dict(depth=3, hidden_size=32, out_hidden_size=48, intermediate_size=64, num_heads=4, patch_size=PATCH,
                   spatial_merge_size=2, temporal_patch_size=TEMPORAL, in_channels=3, window_size=8,
                   fullatt_block_indexes=[0, 2])
-    cfg = Qwen2_5_VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
+    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **TOKENS)
     return _finish(Qwen2_5_VLForConditionalGeneration, cfg, attn)
 
 
@@ -66,18 +64,13 @@ def qwen_inputs(grids: list[tuple[int, int]], lengths: list[tuple[int, int]], se
     per = images_per_sample or [1] * len(lengths)
     rows, it = [], iter(grids)
     for (p, s), count in zip(lengths, per, strict=True):
-        parts = [torch.randint(1, 200, (p,), generator=g)]
+        parts = [text_tokens(p, g)]
         for _ in range(count):
             h, w = next(it)
             parts += [torch.tensor([VISION_START]), torch.full((h * w // 4,), IMAGE_TOKEN), torch.tensor([VISION_END])]
-        parts.append(torch.randint(1, 200, (s,), generator=g))
+        parts.append(text_tokens(s, g))
         rows.append(torch.cat(parts))
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - r.numel():] = r
-        mask[b, width - r.numel():] = 1
+    ids, mask = left_pad(rows)
     thw = torch.tensor([[1, h, w] for h, w in grids])
     pixels = torch.randn(int(thw.prod(-1).sum()), PIXELS, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
@@ -87,13 +80,12 @@ def qwen_inputs(grids: list[tuple[int, int]], lengths: list[tuple[int, int]], se
 def sample_inputs(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
     """Sample ``b`` of :func:`qwen_inputs` alone, without padding (its images, pixels and grids only)."""
     ids, thw = inputs["input_ids"], inputs["image_grid_thw"]
-    real = inputs["attention_mask"][b].bool()
     per_sample = [int(n) for n in ((ids == VISION_START).sum(1))]
     first = sum(per_sample[:b])
     grids = thw[first:first + per_sample[b]]
     patches = thw.prod(-1)
     start = int(patches[:first].sum())
     pixels = inputs["pixel_values"][start:start + int(grids.prod(-1).sum())]
-    one = ids[b : b + 1, real]
+    one = unpadded_ids(inputs, b)
     return {"input_ids": one, "mm_token_type_ids": (one == IMAGE_TOKEN).int(), "pixel_values": pixels,
             "image_grid_thw": grids}

@@ -23,6 +23,9 @@ from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
 
+#: signals that only a [CLS] query row gives (towers without one provide a documented substitute or nothing)
+CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
+
 
 @dataclass
 class Images:
@@ -48,6 +51,14 @@ class Images:
     space: str = "vision"
     mask: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def project_cached(self, x: Tensor) -> Tensor:
+        """``project(x)``, computed once for the full ``tokens`` (a signal and the pipeline may both need it)."""
+        if x is not self.tokens:
+            return self.project(x)
+        if "projected" not in self.extra:
+            self.extra["projected"] = self.project(x)
+        return self.extra["projected"]
 
 
 class Handle:
@@ -227,14 +238,18 @@ class Adapter:
             kw["position_ids"] = self._next_position[:, None] + step[None, :]
         return kw
 
-    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+    def reduce_prefill(self, kw: dict[str, Any]) -> tuple[Tensor, Images, Reduction]:
+        """Encode a prefill's images, collect the signals and run the pipeline: ``(input_ids, images, reduction)``."""
         input_ids = kw.get("input_ids")
         if input_ids is None:
             raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
                              "image placeholder tokens")
         images = self.encode(kw)
         signals = self.collect_signals(images, kw)
-        red = self.reduce_images(images, signals)
+        return input_ids, images, self.reduce_images(images, signals)
+
+    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        input_ids, images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         self.handle.last = red
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -253,7 +268,7 @@ class Adapter:
         """Run the method pipeline on ``images.tokens`` -> a :class:`Reduction` with one row per image (indices into
         that image's tokens, LLM-space tokens). Families whose images have several views override this (e.g. to split
         ``keep`` over the views)."""
-        return run_steps(self.steps, images.tokens, signals, images.project, images.space, mask=images.mask)
+        return run_steps(self.steps, images.tokens, signals, images.project_cached, images.space, mask=images.mask)
 
     def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
         """Drop the removed columns and call the language model on ``inputs_embeds``."""
@@ -384,7 +399,7 @@ class ClsTowerAdapter(Adapter):
             if spec.get("space") == "clip_joint":
                 # no CLIP text tower in a VLM: relevance to the prompt is measured in the LLM embedding space, so the
                 # visual side is the projected tokens (the text side is the prompt's token embeddings)
-                return images.project(images.tokens) if images.space == "vision" else images.tokens
+                return images.project_cached(images.tokens) if images.space == "vision" else images.tokens
             return images.extra.get("vision_features", images.tokens)
         if name == "positions":
             return images.columns

@@ -6,7 +6,8 @@ The model keeps its own attention kernel (SDPA, FlashAttention); the hooks only 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,16 @@ class QKCapture:
 
         return hook
 
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the wanted layers while the block runs (the tower's forward), from an empty store."""
+        self.store.clear()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
     def qk(self, layer: int) -> tuple[Tensor, Tensor, QKLayer]:
         i = self.resolve(layer)
         got = self.store.get(i)
@@ -99,6 +110,41 @@ def full_attention(q: Tensor, k: Tensor, layer: QKLayer) -> Tensor:
     qh, kh = split_heads(q.float(), layer.num_heads), split_heads(k.float(), layer.num_heads)
     scale = layer.scale if layer.scale is not None else qh.shape[-1] ** -0.5
     return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1).mean(1)
+
+
+def _bias(key_mask: Tensor | None, like: Tensor) -> Tensor | None:
+    if key_mask is None:
+        return None
+    return torch.zeros(key_mask.shape, dtype=like.dtype, device=like.device).masked_fill(~key_mask, float("-inf"))
+
+
+def attention_maps(q: Tensor, k: Tensor, layer: QKLayer, key_mask: Tensor | None = None,
+                   reduce: str = "received") -> Tensor:
+    """Attention of a tower layer recomputed from hooked q/k ``[B, T, E]`` in float32, one head at a time.
+
+    ``key_mask [B, T]`` (True = real token) masks padded keys as the model does and drops padded query rows.
+    ``reduce="received"``: ``[B, T]`` the attention each token receives, softmax probabilities averaged over heads
+    and over the real query rows (the CLS substitute of CLS-free towers). ``reduce="full"``: ``[B, T, T]`` the
+    head-mean probabilities of every row.
+    """
+    qh, kh = split_heads(q.float(), layer.num_heads), split_heads(k.float(), layer.num_heads)
+    scale = layer.scale if layer.scale is not None else qh.shape[-1] ** -0.5
+    bias = _bias(key_mask, qh)
+    b, h, t, _ = qh.shape
+    out = torch.zeros((b, t) if reduce == "received" else (b, t, t), dtype=qh.dtype, device=qh.device)
+    rows = None if key_mask is None else key_mask.to(qh.dtype)
+    for i in range(h):
+        logits = (qh[:, i] @ kh[:, i].transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias[:, None, :]
+        att = logits.softmax(-1)
+        if reduce == "full":
+            out += att
+        elif rows is None:
+            out += att.mean(1)
+        else:
+            out += (att * rows[:, :, None]).sum(1) / rows.sum(1, keepdim=True).clamp(min=1)
+    return out / h
 
 
 def mean_keys(k: Tensor, layer: QKLayer) -> Tensor:

@@ -11,7 +11,8 @@ another format, where those tags differ between samples, makes every view its ow
 ``[B, max_views, 3, H, W]`` lists each sample's views with all-zero padding views (dropped, as the model does);
 ``pixel_attention_mask`` marks padded pixels, whose patches are masked as keys inside the tower and here too.
 
-Reduction unit, signals on the shuffled grid, ``keep`` split over views, indices: see :mod:`vtoken.models.internvl`.
+Reduction unit, signals on the shuffled grid, ``keep`` split over views, indices: see :mod:`vtoken.models.internvl`
+(the shared code is in :mod:`vtoken.models.views`).
 
 No CLS token. Signals the tower provides: ``attn_received_layers`` (attention each patch receives, averaged over heads
 and all real query rows), ``attn``, ``keys`` (head-mean keys), ``vision_features`` and the usual text/grid/positions.
@@ -31,13 +32,10 @@ import torch
 from torch import Tensor
 
 from ..methods import MethodInfo
-from .base import Images
-from .capture import QKLayer, mean_keys
-from .internvl import MultiViewAdapter, attention_maps, block_mean, group_views, placeholder_views
+from .base import CLS_SIGNALS, Images
+from .capture import QKLayer, attention_maps, mean_keys
 from .llava import clip_qk_layers
-
-#: signals that only a CLS token provides
-CLS_SIGNALS = ("cls_attn", "cls_attn_layers", "attn_logits", "cls_q")
+from .views import MultiViewAdapter, block_mean, group_views, placeholder_views
 
 
 class Idefics3Adapter(MultiViewAdapter):
@@ -86,12 +84,8 @@ class Idefics3Adapter(MultiViewAdapter):
         p = self.model.config.vision_config.patch_size
         patch_mask = pixel_mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
         assert self.capture is not None
-        self.capture.store.clear()
-        self.capture.active = True
-        try:
+        with self.capture.recording():
             out = self.inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True)
-        finally:
-            self.capture.active = False
         connector = self.inner.connector
         s = int(connector.scale_factor)
         tokens = connector.pixel_shuffle(out.last_hidden_state, s)

@@ -63,6 +63,16 @@ class LlavaAdapter(ClsTowerAdapter):
         g = cfg.image_size // cfg.patch_size
         return g, g
 
+    def tower_features(self, pixel_values: Tensor, layer: int | list[int]) -> Tensor:
+        """Patch features ``[V, N, C]`` (CLS dropped) of the feature layer (a list: concatenated over channels) of the
+        images or views ``pixel_values [V, 3, H, W]``, recording the signal layers' q/k."""
+        assert self.capture is not None
+        with self.capture.recording():
+            out = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        if isinstance(layer, int):
+            return out.hidden_states[layer][:, 1:]
+        return torch.cat([out.hidden_states[i][:, 1:] for i in layer], dim=-1)
+
     def encode(self, kw: dict[str, Any]) -> Images:
         if kw.get("image_sizes") is not None:
             raise ValueError("llava adapter: image_sizes (variable-resolution Pixtral-style inputs) is not supported")
@@ -70,19 +80,7 @@ class LlavaAdapter(ClsTowerAdapter):
         if strategy != "default":
             raise ValueError(f"llava adapter: vision_feature_select_strategy={strategy!r} keeps the CLS token as a "
                              "visual token; vtoken supports 'default' (patch tokens only)")
-        layer = self.feature_layer(kw)
-        pixel_values = kw["pixel_values"]
-        assert self.capture is not None
-        self.capture.store.clear()
-        self.capture.active = True
-        try:
-            out = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        finally:
-            self.capture.active = False
-        if isinstance(layer, int):
-            feats = out.hidden_states[layer][:, 1:]
-        else:
-            feats = torch.cat([out.hidden_states[i][:, 1:] for i in layer], dim=-1)
+        feats = self.tower_features(kw["pixel_values"], self.feature_layer(kw))
         input_ids = kw["input_ids"]
         mask = self.image_token_mask(input_ids)
         n_img, n_tok = feats.shape[:2]

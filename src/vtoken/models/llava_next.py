@@ -67,7 +67,8 @@ from ..methods import MethodInfo
 from ..ops.crops import apportion
 from .base import ClsTowerAdapter, Images
 from .llava import LlavaAdapter
-from .pipeline import TOKEN_DIM, Step, _gather_signal, _slot_map
+from .pipeline import TOKEN_DIM, Step, run_steps
+from .views import fold_rows
 
 #: per-view tower signals that this adapter lays out per image
 VIEW_SIGNALS = ("cls_attn", "attn_logits", "keys", "cls_attn_layers", "attn_received_layers", "attn")
@@ -93,16 +94,6 @@ def reduce_counts(info: MethodInfo, tokens: Tensor, counts: Tensor, mask: Tensor
     if bool((counts >= n_valid).all()):
         return identity_reduction(tokens, mask)
     return info.fn(tokens, counts, mask=mask, **sig, **knobs)
-
-
-def _place(rows: Tensor, n_images: int, counts: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Output slots when the outputs of rows of images ``rows [R]`` (non-decreasing, ``counts [R]`` outputs each, at
-    most ``width``) are concatenated per image: ``(slot [R, width], per_image [I], row_start [R])``."""
-    per_image = torch.zeros(n_images, dtype=torch.long, device=rows.device).index_add_(0, rows, counts)
-    image_start = per_image.cumsum(0) - per_image
-    row_start = counts.cumsum(0) - counts - image_start[rows]
-    slot = row_start[:, None] + torch.arange(width, device=rows.device)[None, :]
-    return slot, per_image, row_start
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -132,18 +123,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError(f"llava_next adapter: pixel_values must be 4-D or 5-D, got {tuple(pixel_values.shape)}")
         if pixel_values.shape[0] != sum(views):
             raise ValueError(f"llava_next adapter: {pixel_values.shape[0]} views for images needing {sum(views)}")
-        layer = self.feature_layer(kw)
-        assert self.capture is not None
-        self.capture.store.clear()
-        self.capture.active = True
-        try:
-            out = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        finally:
-            self.capture.active = False
-        if isinstance(layer, int):
-            feats = out.hidden_states[layer][:, 1:]
-        else:
-            feats = torch.cat([out.hidden_states[i][:, 1:] for i in layer], dim=-1)
+        feats = self.tower_features(pixel_values, self.feature_layer(kw))
         projected = self.inner.multi_modal_projector(feats)  # [V, n, D]: the model's own values, same call
         dev = feats.device
 
@@ -240,44 +220,17 @@ class LlavaNextAdapter(LlavaAdapter):
         return out * valid.reshape(*valid.shape, *([1] * (out.dim() - 2)))
 
     # ---- reduction ----------------------------------------------------------------------------------------------
-    def _to_llm(self, x: Tensor, index: Tensor, valid: Tensor, images: Images) -> Tensor:
-        """Project ``x [I, M, C]``; rows still equal to their source CLIP feature take the model's own projection."""
-        ref = gather_rows(images.extra["llm"], index, valid)
-        same = (x == gather_rows(images.tokens, index, valid)).all(-1) | ~valid
-        if bool(same.all()):
-            return ref
-        return torch.where(same[..., None], ref, self.project(x).to(ref.dtype))
-
     def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
-        """Run the steps (per view, or per image for crop-aware methods) -> one row per image, view-major indices."""
-        n_all = images.columns.shape[1]
-        dev = images.columns.device
-        valid = images.mask
-        index = torch.where(valid, torch.arange(n_all, device=dev)[None, :], -1)
-        slot = index.clone()
-        x, space, sig = images.tokens, "vision", dict(signals)
-        merged, sizes, history = False, None, []
-        for step in self.steps:
-            if step.space == "llm" and space == "vision":
-                x, space = self._to_llm(x, index, valid, images), "llm"
+        """Run the steps (per view, or per image for crop-aware methods) -> one row per image, view-major indices. A
+        token still equal to its source CLIP feature at projection takes the model's own projected value."""
+        def run(step: Step, x: Tensor, valid: Tensor, index: Tensor, sig: dict[str, Any]) -> Reduction:
             if crop_aware(step.info):
-                red = self._run_image(step, x, valid, index, signals, sig, images)
-            else:
-                red = self._run_views(step, x, valid, index, sig, images, first=not history)
-            history.append(red)
-            inner = _slot_map(red, x.shape[1])
-            slot = torch.where(slot >= 0, inner.gather(1, slot.clamp(min=0)), -1)
-            index = torch.where(red.mask, index.gather(1, red.indices.clamp(min=0)), -1)
-            merged |= red.assign is not None
-            sizes = red.sizes if red.sizes is not None else (
-                None if sizes is None else gather_rows(sizes[..., None], red.indices, red.mask)[..., 0])
-            x, valid = red.tokens, red.mask
-            sig = {k: _gather_signal(k, v, red) for k, v in sig.items()}
-            if sizes is not None:
-                sig["sizes"] = sizes
-        if space == "vision":
-            x = self._to_llm(x, index, valid, images)
-        return Reduction(x, index, valid, slot if merged else None, sizes, {"steps": history})
+                return self._run_image(step, x, valid, index, signals, sig, images)
+            return self._run_views(step, x, valid, index, sig, images, first=step is self.steps[0])
+
+        llm = images.extra["llm"]
+        return run_steps(self.steps, images.tokens, signals, self.project, "vision", mask=images.mask,
+                         exact=lambda index, valid: gather_rows(llm, index, valid), run=run)
 
     def _run_views(self, step: Step, x: Tensor, valid: Tensor, index: Tensor, sig: dict[str, Any], images: Images,
                    first: bool) -> Reduction:
@@ -319,37 +272,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 vsig[name] = value
         mask = None if bool(inside.all()) else inside
         red = reduce_counts(step.info, xv, share[ri, rv], mask, vsig, step.kwargs)
-        return self._fold(red, ri, src, i, m, extras={"views": red, "view_image": ri, "view_position": rv})
-
-    @staticmethod
-    def _fold(red: Reduction, ri: Tensor, src: Tensor, n_images: int, m: int,
-              extras: dict[str, Any]) -> Reduction:
-        """Row reductions (rows ``ri [R]`` of image slots ``src [R, W]``, non-decreasing images, ascending slots) -> one
-        row per image, indices into the image's ``m`` current slots."""
-        counts = red.mask.sum(1)
-        pos, per_image, row_start = _place(ri, n_images, counts, red.indices.shape[1])
-        k = int(per_image.max())
-        dev = red.indices.device
-        sel = red.mask
-        img = ri[:, None].expand_as(red.indices)[sel]
-        at = pos[sel]
-        tokens = red.tokens.new_zeros(n_images, k, red.tokens.shape[-1])
-        tokens[img, at] = red.tokens[sel]
-        indices = torch.full((n_images, k), -1, dtype=torch.long, device=dev)
-        indices[img, at] = src.gather(1, red.indices.clamp(min=0))[sel]
-        mask = torch.zeros(n_images, k, dtype=torch.bool, device=dev)
-        mask[img, at] = True
-        sizes = None
-        if red.sizes is not None:
-            sizes = torch.zeros(n_images, k, dtype=red.sizes.dtype, device=dev)
-            sizes[img, at] = red.sizes[sel]
-        assign = None
-        if red.assign is not None:
-            assign = torch.full((n_images, m), -1, dtype=torch.long, device=dev)
-            a = red.assign[:, : src.shape[1]]
-            ok = (a >= 0) & (src >= 0)
-            assign[ri[:, None].expand_as(a)[ok], src[ok]] = (a + row_start[:, None])[ok]
-        return Reduction(tokens, indices, mask, assign, sizes, extras)
+        return fold_rows(red, ri, src, i, m, {"views": red, "view_image": ri, "view_position": rv})
 
     def _run_image(self, step: Step, x: Tensor, valid: Tensor, index: Tensor, signals: dict[str, Any],
                    sig: dict[str, Any], images: Images) -> Reduction:
@@ -403,13 +326,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ---- splice -------------------------------------------------------------------------------------------------
     def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        input_ids = kw.get("input_ids")
-        if input_ids is None:
-            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
-                             "image placeholder tokens")
-        images = self.encode(kw)
-        signals = self.collect_signals(images, kw)
-        red = self.reduce_images(images, signals)
+        input_ids, images, red = self.reduce_prefill(kw)
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         keep = ~self.image_token_mask(input_ids)
         rows = images.sample[:, None].expand_as(red.indices)[red.mask]

@@ -21,9 +21,10 @@ vtoken's choices (the reduction unit is one view, as in the official per-crop Vi
   the model's own packed value (:func:`~vtoken.models.pipeline.run_steps`'s ``exact``), so LLM-space methods and
   ``keep`` = all see exactly the model's tokens.
 * **``keep`` stays per image**: an ``int`` ``k`` is split over the image's views in proportion to their valid tokens
-  (largest remainder, ties to the earlier view, base first), so the image keeps exactly ``min(k, valid)`` tokens; a
-  view whose share is 0 (``k`` < views) keeps nothing. A ratio applies to every view unchanged (at least 1 per view).
-  In a composition, an ``int`` step is split in proportion to the previous step's (planned) shares.
+  (:func:`~vtoken.models.views.split_proportional`: largest remainder, ties to the earlier view, base first), so the
+  image keeps exactly ``min(k, valid)`` tokens; a view whose share is 0 (``k`` < views) keeps nothing. A ratio
+  applies to every view unchanged (at least 1 per view). In a composition, an ``int`` step is split in proportion to
+  the previous step's (planned) shares.
 * **Newlines** are not reduction units: an ``image_newline`` stays iff a token of its canvas row stays (rows with
   nothing kept lose their newline); a single-view image keeps its one newline. Newlines do not count toward
   ``keep``; ``handle.last.extras["newlines"]`` has the kept ones per image.
@@ -52,7 +53,6 @@ placeholders itself.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,16 +63,13 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from ..core import Reduction, gather_rows, resolve_keep
+from ..core import Reduction, resolve_keep
 from ..methods import MethodInfo
-from .base import Adapter, ClsTowerAdapter, Images
-from .capture import QKLayer, mean_keys
-from .internvl import attention_maps, fold_views, stack_reductions
+from .base import CLS_SIGNALS, Adapter, ClsTowerAdapter, Images
+from .capture import QKLayer, attention_maps, mean_keys
 from .llava import clip_qk_layers
-from .pipeline import run_steps
+from .views import fold_views, reduce_views, split_proportional
 
-#: signals that need a [CLS] query row
-CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
 #: methods whose ``cls_attn`` is replaced by the attention each token receives (see the module docstring)
 CLS_SUBSTITUTE = frozenset({"visionzip"})
 
@@ -116,24 +113,6 @@ def image_layout(g: int, views: int, image_size: Tensor, pinpoints: list, side: 
     slots = torch.cat([torch.arange(n), rows])
     lines = torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(h).repeat_interleave(w + 1)])
     return slots, lines, down
-
-
-def split_count(keep: int, prev: Tensor, image: Tensor, n_images: int) -> Tensor:
-    """Per-view shares ``[R]`` of an ``int`` per-image ``keep`` in proportion to ``prev [R]`` (each view's tokens;
-    ``image [R]`` its image): largest remainder, ties to the earlier view; they sum to ``min(keep, sum(prev))``."""
-    total = torch.zeros(n_images, dtype=torch.long, device=prev.device).index_add_(0, image, prev)
-    k = total.clamp(max=keep)
-    num = k[image] * prev
-    den = total[image].clamp(min=1)
-    base, rem = num // den, num % den
-    extra = k - torch.zeros_like(k).index_add_(0, image, base)
-    order = torch.sort(-rem, stable=True).indices
-    order = order[torch.sort(image[order], stable=True).indices]  # by image, then remainder desc, then view order
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    per_image = torch.bincount(image, minlength=n_images)
-    rank = rank - (per_image.cumsum(0) - per_image)[image]  # rank within the image
-    return base + (rank < extra[image]).long()
 
 
 class LlavaOnevisionAdapter(ClsTowerAdapter):
@@ -197,14 +176,10 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         layer = cfg.vision_feature_layer if layer is None else layer
         bni = kw.get("batch_num_images")
         assert self.capture is not None
-        self.capture.store.clear()
-        self.capture.active = True
-        try:
+        with self.capture.recording():
             out = self.inner.get_image_features(pixel_values=kw["pixel_values"], image_sizes=image_sizes,
                                                 vision_feature_layer=layer, vision_feature_select_strategy=strategy,
                                                 batch_num_images=bni, return_dict=True)
-        finally:
-            self.capture.active = False
         hs = out.hidden_states
         feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)  # [V, n, C]
         packed = list(out.pooler_output)  # per image [P_i, D], newlines included
@@ -304,7 +279,7 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         shares: list[Tensor | None] = []
         for step in self.steps:
             if isinstance(step.keep, int) and not isinstance(step.keep, bool):
-                share = split_count(step.keep, prev, image, images.extra["n_images"])
+                share = split_proportional(step.keep, prev, image, images.extra["n_images"])
                 shares.append(share)
                 prev = share
             else:
@@ -314,39 +289,12 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
 
     def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
         """Run the methods per view (see the module docstring) -> one row per image, ``extras["views"]`` per view."""
-        r, n = images.columns.shape
-        shares = self.view_shares(images)
-        table = torch.stack([s if s is not None else torch.ones_like(images.sample) for s in shares], dim=1)
-        run = (table > 0).all(1)  # views whose share is 0, or with no token left by unpadding, keep nothing
-        if images.mask is not None:
-            run &= images.mask.any(1)
-        keys, group = torch.unique(table, dim=0, return_inverse=True)
-        exact = images.extra["exact"]
-        parts = []
-        for gi in range(keys.shape[0]):
-            rows = ((group == gi) & run).nonzero()[:, 0]
-            if rows.numel() == 0:
-                continue
-            steps = [step if share is None else replace(step, keep=int(keys[gi, i]))
-                     for i, (step, share) in enumerate(zip(self.steps, shares, strict=True))]
-            sig = {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == r else v
-                   for k, v in signals.items()}
-            mask = None if images.mask is None else images.mask[rows]
-            ex = exact[rows]
-            red = run_steps(steps, images.tokens[rows], sig, images.project, images.space, mask=mask,
-                            exact=lambda index, valid, ex=ex: gather_rows(ex, index, valid))
-            parts.append((rows, red))
-        red = parts[0][1] if len(parts) == 1 and bool(run.all()) else stack_reductions(parts, r)
-        return fold_views(red, images.extra["view_image"], images.extra["view_position"], images.extra["n_images"], n)
+        red = reduce_views(self.steps, self.view_shares(images), images, signals, exact=images.extra["exact"])
+        return fold_views(red, images.extra["view_image"], images.extra["view_position"], images.extra["n_images"],
+                          images.columns.shape[1])
 
     def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        input_ids = kw.get("input_ids")
-        if input_ids is None:
-            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
-                             "image placeholder tokens")
-        images = self.encode(kw)
-        signals = self.collect_signals(images, kw)
-        red = self.reduce_images(images, signals)
+        input_ids, images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         views = red.extras["views"]
         embeds = self.model.get_input_embeddings()(input_ids).clone()

@@ -73,7 +73,10 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
     return sorted(steps, key=lambda s: (STAGES.index(s.info.stage), order.get(s.space, 1)))
 
 
-def _gather_signal(name: str, value: Any, red: Reduction) -> Any:
+def gather_signal(name: str, value: Any, red: Reduction) -> Any:
+    """Signal ``value`` of the inputs of ``red`` -> the same signal for its outputs: per-token signals
+    (:data:`TOKEN_DIM`) are gathered at ``red.indices`` (``attn [I, N, N]`` on both token dims), ``grid`` no longer
+    applies (``None``), anything else passes through."""
     if name == "grid" or not isinstance(value, Tensor):
         return None if name == "grid" else value
     if name == "attn":
@@ -87,8 +90,9 @@ def _gather_signal(name: str, value: Any, red: Reduction) -> Any:
     return gather_rows(value.transpose(1, 2), red.indices, red.mask).transpose(1, 2)
 
 
-def _slot_map(red: Reduction, k_in: int) -> Tensor:
-    """``[I, k_in]``: the output slot each input slot of ``red`` went to (``-1`` if dropped)."""
+def slot_map(red: Reduction, k_in: int) -> Tensor:
+    """``[I, k_in]``: the output slot each of the ``k_in`` input slots of ``red`` went to (``-1`` if dropped):
+    ``assign`` for a merging method, else the inverse of ``indices``."""
     if red.assign is not None:
         return red.assign
     b, k = red.indices.shape
@@ -99,9 +103,10 @@ def _slot_map(red: Reduction, k_in: int) -> Tensor:
     return out
 
 
-def _to_llm(x: Tensor, tokens: Tensor, index: Tensor, valid: Tensor, project: Callable[[Tensor], Tensor],
-            exact: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
-    """``project(x)``; with ``exact``, rows of ``x`` still equal to their source row of ``tokens`` take ``exact``'s."""
+def to_llm(x: Tensor, tokens: Tensor, index: Tensor, valid: Tensor, project: Callable[[Tensor], Tensor],
+           exact: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
+    """``project(x [I, K, C])``; with ``exact``, rows of ``x`` still equal to their source row of ``tokens [I, N, C]``
+    (``index [I, K]``, ``valid [I, K]``) take ``exact(index, valid)``'s value instead."""
     if exact is None:
         return project(x)
     ref = exact(index, valid)
@@ -112,9 +117,14 @@ def _to_llm(x: Tensor, tokens: Tensor, index: Tensor, valid: Tensor, project: Ca
     return torch.where(same[..., None], ref.to(out.dtype), out)
 
 
+#: runs one step of :func:`run_steps`: ``(step, x [I, M, C], valid [I, M], index [I, M], signals) -> Reduction``
+StepRunner = Callable[[Step, Tensor, Tensor, Tensor, dict[str, Any]], Reduction]
+
+
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
               project: Callable[[Tensor], Tensor] | None = None, space: str = "llm",
-              mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None) -> Reduction:
+              mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None,
+              run: StepRunner | None = None) -> Reduction:
     """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"llm"`` after).
 
     ``project`` maps vision-space tokens to the LLM space; it runs once, before the first LLM-space step (or at the
@@ -125,32 +135,37 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
     tokens ``[I, K, D]`` (zeros where invalid): at projection, tokens still bitwise equal to their source token take
     that value instead of ``project(x)`` (for families whose model does more than project each vision token, e.g.
     LLaVA-OneVision resizes the projected crop grid).
+    ``run`` (optional) runs one step (:data:`StepRunner`: the current tokens ``x [I, M, C]``, their validity, the
+    source index of each and the signals gathered along with them) for families that split a step themselves (e.g.
+    per view); by default :func:`vtoken.reduce` runs on ``x`` with the signals the step's method reads.
     """
     i, n = tokens.shape[:2]
     index = torch.arange(n, device=tokens.device).expand(i, n)
     valid = torch.ones(i, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
     index = torch.where(valid, index, -1)
     slot = index.clone()
-    mask = None if bool(valid.all()) else valid
     merged, sizes, history = False, None, []
     x, sig = tokens, dict(signals)
     for step in steps:
         if step.space == "llm" and space == "vision":
-            x, space = _to_llm(x, tokens, index, valid, project, exact), "llm"
-        needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
-        red = reduce(x, step.keep, step.info.name, mask=mask, **needed, **step.kwargs)
+            x, space = to_llm(x, tokens, index, valid, project, exact), "llm"
+        if run is None:
+            needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
+            red = reduce(x, step.keep, step.info.name, mask=None if bool(valid.all()) else valid, **needed,
+                         **step.kwargs)
+        else:
+            red = run(step, x, valid, index, sig)
         history.append(red)
-        inner = _slot_map(red, x.shape[1])
+        inner = slot_map(red, x.shape[1])
         slot = torch.where(slot >= 0, inner.gather(1, slot.clamp(min=0)), -1)
         index = torch.where(red.mask, index.gather(1, red.indices.clamp(min=0)), -1)
         merged |= red.assign is not None
         sizes = red.sizes if red.sizes is not None else (
             None if sizes is None else gather_rows(sizes[..., None], red.indices, red.mask)[..., 0])
         x, valid = red.tokens, red.mask
-        mask = None if bool(valid.all()) else valid
-        sig = {k: _gather_signal(k, v, red) for k, v in sig.items()}
+        sig = {k: gather_signal(k, v, red) for k, v in sig.items()}
         if sizes is not None:
             sig["sizes"] = sizes
     if space == "vision" and project is not None:
-        x = _to_llm(x, tokens, index, valid, project, exact)
+        x = to_llm(x, tokens, index, valid, project, exact)
     return Reduction(x, index, valid, slot if merged else None, sizes, {"steps": history})

@@ -50,12 +50,10 @@ from torch import Tensor, nn
 
 from ..core import Reduction
 from ..methods import MethodInfo
-from .base import Adapter, Images
+from .base import CLS_SIGNALS, Adapter, Images
 from .capture import QKCapture, QKLayer
 from .pipeline import TOKEN_DIM, run_steps
-
-#: signals that only a [CLS] token can give
-CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
+from .views import stack_reductions
 
 #: methods whose ``cls_attn`` has a documented substitute on Qwen's CLS-less tower, with the source
 CLS_SUBSTITUTES: dict[str, str] = {
@@ -136,42 +134,6 @@ class QwenCapture(QKCapture):
                                                         sin=sin.detach())
 
         return hook
-
-
-def _slot_map(red: Reduction, n: int) -> Tensor:
-    """``[G, n]`` output slot of each input token of ``red`` (``-1`` where dropped)."""
-    if red.assign is not None:
-        return red.assign
-    g, k = red.indices.shape
-    out = torch.full((g, n), -1, dtype=torch.long, device=red.indices.device)
-    rows = torch.arange(g, device=out.device)[:, None].expand(g, k)
-    slots = torch.arange(k, device=out.device).expand(g, k)
-    out[rows[red.mask], red.indices[red.mask]] = slots[red.mask]
-    return out
-
-
-def stack_reductions(parts: list[tuple[Tensor, Reduction, int]], n_images: int, n_tokens: int) -> Reduction:
-    """One :class:`Reduction` of ``n_images`` rows from ``(rows [G], reduction of those G images, their N)`` parts
-    (images grouped by grid); outputs padded to the largest count, ``assign`` to ``n_tokens`` inputs."""
-    k = max(r.tokens.shape[1] for _, r, _ in parts)
-    ref = parts[0][1]
-    tokens = ref.tokens.new_zeros(n_images, k, ref.tokens.shape[-1])
-    indices = torch.full((n_images, k), -1, dtype=torch.long, device=tokens.device)
-    mask = torch.zeros(n_images, k, dtype=torch.bool, device=tokens.device)
-    merged = any(r.assign is not None for _, r, _ in parts)
-    sized = any(r.sizes is not None for _, r, _ in parts)
-    assign = torch.full((n_images, n_tokens), -1, dtype=torch.long, device=tokens.device) if merged else None
-    sizes = tokens.new_zeros(n_images, k, dtype=torch.float32) if sized else None
-    for rows, r, n in parts:
-        kk = r.tokens.shape[1]
-        tokens[rows, :kk] = r.tokens
-        indices[rows, :kk] = r.indices
-        mask[rows, :kk] = r.mask
-        if assign is not None:
-            assign[rows, :n] = _slot_map(r, n)
-        if sizes is not None:
-            sizes[rows, :kk] = r.sizes.float() if r.sizes is not None else r.mask.float()
-    return Reduction(tokens, indices, mask, assign, sizes)
 
 
 def _select(name: str, value: Any, rows: Tensor, n: int) -> Any:
@@ -269,12 +231,8 @@ class Qwen2VLAdapter(Adapter):
         visual = self.visual
         unit = visual.spatial_merge_size ** 2
         assert self.capture is not None
-        self.capture.store.clear()
-        self.capture.active = True
-        try:
+        with self.capture.recording():
             out = visual(kw["pixel_values"].type(visual.dtype), grid_thw=grid_thw)
-        finally:
-            self.capture.active = False
         merged = out.pooler_output  # [S, D], raster order per image
         dev = merged.device
         grid_thw = grid_thw.to(dev)
@@ -409,25 +367,17 @@ class Qwen2VLAdapter(Adapter):
             return super().reduce_images(images, signals)
         grids = images.extra["grids"]
         keys, inverse = torch.unique(grids, dim=0, return_inverse=True)
-        parts, steps = [], []
+        parts = []
         for g in range(keys.shape[0]):  # one run per distinct image size
             rows = (inverse == g).nonzero()[:, 0]
             h, w = (int(v) for v in keys[g])
             n = h * w
             sig = {name: _select(name, v, rows, n) for name, v in signals.items()}
             sig["grid"] = (h, w)
-            red = run_steps(self.steps, images.tokens[rows, :n], sig, images.project, images.space)
-            parts.append((rows, red, n))
-            steps.append(red.extras["steps"])
+            parts.append((rows, run_steps(self.steps, images.tokens[rows, :n], sig, images.project, images.space)))
         n_img, n_tok = images.tokens.shape[:2]
-        out = stack_reductions(parts, n_img, n_tok)
-        history = []
-        for i in range(len(self.steps)):  # the per-step reductions, stacked the same way (inputs: previous outputs)
-            widths = [n if i == 0 else s[i - 1].tokens.shape[1] for (_, _, n), s in zip(parts, steps, strict=True)]
-            group = [(rows, s[i], wd) for (rows, _, _), s, wd in zip(parts, steps, widths, strict=True)]
-            history.append(stack_reductions(group, n_img, max(widths)))
-        out.extras["steps"] = history
-        return out
+        # padded to the largest image; assign over its n_tok tokens, each step's over the previous step's outputs
+        return stack_reductions(parts, n_img, width=n_tok)
 
     def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
         kw = dict(kw)
@@ -453,14 +403,6 @@ class Qwen2VLAdapter(Adapter):
         rope = positions[-3:] if positions.dim() == 3 else positions[None]
         self._next_position = rope.amax(0).amax(1) + 1  # the unpatched model's first decode position
         return out
-
-    def decode_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        past = kw.get("past_key_values")
-        if past is None or past.get_seq_length() == 0:  # a prefill without images: forget the last compaction
-            self._state = None
-            self._next_position = None
-            return kw
-        return super().decode_inputs(kw)
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):

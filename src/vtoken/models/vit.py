@@ -26,7 +26,7 @@ from ..core import Reduction, resolve_keep
 from ..methods import MethodInfo
 from .base import Adapter, Handle
 from .capture import QKCapture, QKLayer, full_attention, mean_keys
-from .pipeline import Step
+from .pipeline import Step, slot_map
 
 
 def layer_counts(n: int, keep: int, layers: Sequence[int], schedule: str = "constant") -> list[int]:
@@ -197,7 +197,7 @@ class VitAdapter(Adapter):
         red = reduce(h, count, info.name, class_token=True, **sig, **self.knobs)
         self._history.append(red)
         assert self._index is not None and self._slot is not None
-        inner = red.assign if red.assign is not None else _slots(red, n)
+        inner = slot_map(red, n)
         self._slot = torch.where(self._slot >= 0, inner.gather(1, self._slot.clamp(min=0)), -1)
         self._index = torch.where(red.mask, self._index.gather(1, red.indices.clamp(min=0)), -1)
         if red.sizes is not None:
@@ -222,13 +222,6 @@ class VitAdapter(Adapter):
         qh, kh = split_heads(q.float(), layer.num_heads), split_heads(k.float(), layer.num_heads)
         scale = layer.scale if layer.scale is not None else qh.shape[-1] ** -0.5
         return torch.softmax((qh @ kh.transpose(-1, -2)) * scale + bias.float(), dim=-1).mean(1)
-
-
-def _slots(red: Reduction, n: int) -> Tensor:
-    b, k = red.indices.shape
-    out = torch.full((b, n), -1, dtype=torch.long, device=red.indices.device)
-    out.scatter_(1, red.indices.clamp(min=0), torch.arange(k, device=out.device).expand(b, k))
-    return out
 
 
 __all__ = ["VitAdapter", "layer_counts"]
