@@ -18,9 +18,8 @@ from .pipeline import build_steps
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .vit import VitAdapter
 
-ADAPTERS: list[type[Adapter]] = [VitAdapter, LlavaAdapter, InternVLAdapter, Idefics3Adapter,
-                                 Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter,
-                                 LlavaNextAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
+                                 Qwen25VLAdapter, InternVLAdapter, Idefics3Adapter, VitAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter"]
 
