@@ -105,11 +105,13 @@ def cls_rows(q: Tensor, k: Tensor, layer: QKLayer, full_width: bool = False) -> 
     return att.mean, att.logits.mean(1)[:, 1:]
 
 
-def full_attention(q: Tensor, k: Tensor, layer: QKLayer) -> Tensor:
-    """Head-mean attention probabilities ``[B, T, T]`` of every query row (for methods that need whole maps)."""
+def full_attention(q: Tensor, k: Tensor, layer: QKLayer, bias: Tensor | None = None) -> Tensor:
+    """Head-mean attention probabilities ``[B, T, T]`` of every query row (for methods that need whole maps);
+    ``bias`` is an additive logit bias broadcastable to ``[B, H, T, T]`` (e.g. ToMe's ``log(size)``)."""
     qh, kh = split_heads(q.float(), layer.num_heads), split_heads(k.float(), layer.num_heads)
     scale = layer.scale if layer.scale is not None else qh.shape[-1] ** -0.5
-    return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1).mean(1)
+    logits = (qh @ kh.transpose(-1, -2)) * scale
+    return torch.softmax(logits if bias is None else logits + bias.float(), dim=-1).mean(1)
 
 
 def _bias(key_mask: Tensor | None, like: Tensor) -> Tensor | None:

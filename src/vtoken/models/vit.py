@@ -186,12 +186,11 @@ class VitAdapter(Adapter):
         wanted = (*info.signals, *info.optional_signals)
         if "keys" in wanted:
             sig["keys"] = mean_keys(k, layer)
-        if "attn" in wanted or "cls_attn" in wanted:
-            attn = full_attention(q, k, layer) if self._sizes is None else self._prop_attention(q, k, layer)
-            if "attn" in wanted:
-                sig["attn"] = attn
-            if "cls_attn" in wanted:
-                sig["cls_attn"] = attn[:, 0]
+        bias = self._attention_bias()  # the bias this layer attended with
+        if "attn" in wanted:
+            sig["attn"] = full_attention(q, k, layer, bias)
+        if "cls_attn" in wanted:  # only the CLS query row
+            sig["cls_attn"] = sig["attn"][:, 0] if "attn" in sig else full_attention(q[:, :1], k, layer, bias)[:, 0]
         if "sizes" in wanted and self._sizes is not None:
             sig["sizes"] = self._sizes
         red = reduce(h, count, info.name, class_token=True, **sig, **self.knobs)
@@ -211,17 +210,6 @@ class VitAdapter(Adapter):
             raise ValueError(f"{info.name!r} kept different counts per image inside the ViT; encoder-stage "
                              "reduction needs one count per layer")
         return red.tokens
-
-    def _prop_attention(self, q: Tensor, k: Tensor, layer: QKLayer) -> Tensor:
-        """Head-mean attention with the proportional-attention bias the layer itself used."""
-        bias = self._attention_bias()
-        if bias is None:
-            return full_attention(q, k, layer)
-        from ..ops.attention import split_heads
-
-        qh, kh = split_heads(q.float(), layer.num_heads), split_heads(k.float(), layer.num_heads)
-        scale = layer.scale if layer.scale is not None else qh.shape[-1] ** -0.5
-        return torch.softmax((qh @ kh.transpose(-1, -2)) * scale + bias.float(), dim=-1).mean(1)
 
 
 __all__ = ["VitAdapter", "layer_counts"]
