@@ -123,12 +123,3 @@ def save_sheet(tiles: list[tuple[str, np.ndarray]], path: Path, cols: int = 6) -
     sheet.save(path)
     return path
 
-
-def reconstructed_image(image_path: str | Path, method: str, keep: int | float) -> np.ndarray:
-    """The image rebuilt from the tokens ``method`` keeps (for ``vtoken show``-style inspection)."""
-    image = load_image(image_path)
-    tokens, grid = patchify(image)
-    from ..methods import get_method
-
-    red = reduce(tokens, keep, method, **make_signals(get_method(method), tokens, grid=grid))
-    return unpatchify(reconstruct(tokens, red), grid)

@@ -405,6 +405,3 @@ class ClsTowerAdapter(Adapter):
             return images.columns
         return super().signal(name, info, images, kw)
 
-
-def dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype

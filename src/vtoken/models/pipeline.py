@@ -121,6 +121,17 @@ def to_llm(x: Tensor, tokens: Tensor, index: Tensor, valid: Tensor, project: Cal
 StepRunner = Callable[[Step, Tensor, Tensor, Tensor, dict[str, Any]], Reduction]
 
 
+def follow(index: Tensor, slot: Tensor, red: Reduction, k_in: int) -> tuple[Tensor, Tensor]:
+    """Compose one more reduction ``red`` (run on ``k_in`` current tokens) into the running maps.
+
+    ``index [I, K]``: original source index of each current token; ``slot [I, N]``: current slot of each original
+    token (``-1`` dropped). Returns both maps after ``red``.
+    """
+    slot = torch.where(slot >= 0, slot_map(red, k_in).gather(1, slot.clamp(min=0)), -1)
+    index = torch.where(red.mask, index.gather(1, red.indices.clamp(min=0)), -1)
+    return index, slot
+
+
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
               project: Callable[[Tensor], Tensor] | None = None, space: str = "llm",
               mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -156,9 +167,7 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
         else:
             red = run(step, x, valid, index, sig)
         history.append(red)
-        inner = slot_map(red, x.shape[1])
-        slot = torch.where(slot >= 0, inner.gather(1, slot.clamp(min=0)), -1)
-        index = torch.where(red.mask, index.gather(1, red.indices.clamp(min=0)), -1)
+        index, slot = follow(index, slot, red, x.shape[1])
         merged |= red.assign is not None
         sizes = red.sizes if red.sizes is not None else (
             None if sizes is None else gather_rows(sizes[..., None], red.indices, red.mask)[..., 0])

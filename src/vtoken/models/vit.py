@@ -26,7 +26,7 @@ from ..core import Reduction, resolve_keep
 from ..methods import MethodInfo
 from .base import Adapter, Handle
 from .capture import QKCapture, QKLayer, full_attention, mean_keys
-from .pipeline import Step, slot_map
+from .pipeline import Step, follow
 
 
 def layer_counts(n: int, keep: int, layers: Sequence[int], schedule: str = "constant") -> list[int]:
@@ -196,9 +196,7 @@ class VitAdapter(Adapter):
         red = reduce(h, count, info.name, class_token=True, **sig, **self.knobs)
         self._history.append(red)
         assert self._index is not None and self._slot is not None
-        inner = slot_map(red, n)
-        self._slot = torch.where(self._slot >= 0, inner.gather(1, self._slot.clamp(min=0)), -1)
-        self._index = torch.where(red.mask, self._index.gather(1, red.indices.clamp(min=0)), -1)
+        self._index, self._slot = follow(self._index, self._slot, red, n)
         if red.sizes is not None:
             self._sizes = red.sizes.clamp(min=1e-6)
         elif self._sizes is not None:

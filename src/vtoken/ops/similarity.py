@@ -25,14 +25,6 @@ def cosine_distance(a: Tensor, b: Tensor | None = None, eps: float | None = None
     return 1.0 - cosine_similarity(a, b, eps)
 
 
-def masked_fill_pairs(sim: Tensor, mask: Tensor | None, value: float) -> Tensor:
-    """Set ``sim [B, N, M]`` to ``value`` in every row and column of a masked-out token (``mask [B, N]``, N == M)."""
-    if mask is None:
-        return sim
-    pair = mask[:, :, None] & mask[:, None, :]
-    return sim.masked_fill(~pair, value)
-
-
 def pairwise_sq_euclidean(a: Tensor, b: Tensor | None = None) -> Tensor:
     """Squared Euclidean distances ``[B, N, M]`` (clamped at 0)."""
     b = a if b is None else b
