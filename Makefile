@@ -2,10 +2,13 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-selection
+.PHONY: setup bench demo test lint bench-selection
 
 setup:
 	@bash scripts/setup.sh
+
+bench: setup
+	$(BIN)/vtoken bench --out out/bench
 
 demo: setup
 	$(BIN)/vtoken methods

@@ -25,13 +25,15 @@ Measured for the unpatched model and for each method x keep (``all`` = keep 1.0,
     for the unpatched model (vtoken's forward encodes the images itself): the time inside the hooked tower, projector
     and top-level forward; timing it inside ``generate`` halves the run time against separate prefill calls;
   * KV: bytes of the key/value tensors in the cache after the prefill (checked against
-    ``vtoken.bench.cost.kv_cache_bytes`` of the cached length);
+    ``vtoken.bench.cost.kv_cache_bytes`` of the cached length, per layer for llm-stage methods);
   * select: time inside the reduction in the same prefills, from wrappers around the adapter's signal collection
     (``Adapter.collect_signals``: CLS attention rows / keys recomputed from hooked q/k, projections for text
-    relevance) and around ``vtoken.reduce`` as the pipeline calls it (validation + the method); shown in ms and as a
-    % of the patched prefill (goal <= 2%);
+    relevance) and around ``vtoken.reduce`` as the pipeline calls it (validation + the method); for llm-stage methods
+    (fastv, pdrop, sparsevlm, dart, todre_llm, aim) around each pruning between decoder layers (attention rows on the
+    side from the hooked q/k, the method, compaction); shown in ms and as a % of the patched prefill (goal <= 2%);
   * ideal speedup: (vision + projector + LM prefill FLOPs, full) / (the same, reduced), analytic from the configs
-    (``vtoken.bench.cost``: projections, MLP, causal attention, LM head on 1 position; the tower is the same in both);
+    (``vtoken.bench.cost``: projections, MLP, causal attention, LM head on 1 position; the tower is the same in both;
+    llm-stage methods count each decoder layer at the length it ran with, the "seq" column showing first->last);
     measured = unpatched prefill / reduced prefill; the goal is measured/ideal >= 0.9.
 A second table splits the median prefill into exclusive stage times (forward hooks on the tower, projector, language
 model and LM head; wrappers around signals and selection); "other" is the rest (embedding lookup, splice, compaction,
@@ -76,7 +78,8 @@ import vtoken.models.pipeline as pipeline_module
 from vtoken.bench import cost
 from vtoken.models import find_adapter
 
-DEFAULT_METHODS = ["random", "uniform", "pool", "divprune", "visionzip", "vtc_cls", "cdpruner", "prumerge_plus", "tome"]
+DEFAULT_METHODS = ["random", "uniform", "pool", "divprune", "visionzip", "vtc_cls", "cdpruner", "prumerge_plus", "tome",
+                   "fastv", "pdrop", "sparsevlm", "dart", "todre_llm", "aim"]
 PREFIX, SUFFIX = 5, 35  # text tokens before / after the image placeholders
 LM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "qwen2-0.5b": (Qwen2Config, dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -85,7 +88,7 @@ LM_PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "llama-0.4b": (LlamaConfig, dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                                      num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                                      max_position_embeddings=4096)),
-    "tiny": (LlamaConfig, dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": (LlamaConfig, dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)),
 }
 SCALES = {"llava": 1, "next": 5}  # images (views) of 576 tokens per prompt
@@ -222,6 +225,14 @@ class Result:
     stages: dict[str, list[float]] = field(default_factory=dict)
     flops: float = 0.0
     llm_flops: float = 0.0
+    lengths: list[int] | None = None  # per decoder layer, for llm-stage methods
+
+    @property
+    def seq_label(self) -> str:
+        """The prefill length (``first->last`` layer for llm-stage pruning)."""
+        if self.lengths and self.lengths[-1] != self.lengths[0]:
+            return f"{self.lengths[0]}->{self.lengths[-1]}"
+        return str(self.seq)
 
     def stage(self, stage: str) -> float:
         """``stage``'s time in the median prefill (the lower median for an even count), so a row's stages add up
@@ -257,6 +268,8 @@ def measure(model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor
         if handle is not None:  # time the adapter's signal collection (an instance attribute, dropped with it)
             adapter = handle.adapter
             adapter.collect_signals = probe.wrap("signals", adapter.collect_signals)
+            if adapter.llm is not None:  # llm-stage pruning: attention rows on the side + the method, per pruning
+                adapter.llm.prune = probe.wrap("select", adapter.llm.prune)
         prefill, ttft, stages, out = [], [], defaultdict(list), None
         for r in range(args.warmup + args.repeats):
             out = None
@@ -282,17 +295,20 @@ def measure(model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor
         del out, cache
         n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
         visual = int(handle.last.mask.sum()) if handle is not None else n_visual
+        llm_info = handle.last.extras.get("llm") if handle is not None else None
+        lengths = list(llm_info["lengths"]) if llm_info else None  # tokens each decoder layer processed
     finally:
         if handle is not None:
             handle.remove()
     label = "all" if keep == 1.0 else ("-" if keep is None else str(keep))
     res = Result(method or "unpatched", label, visual, seq, prefill, ttft, kv,
-                 cost.kv_cache_bytes(model.config, seq, 1, args.torch_dtype), dict(stages))
+                 cost.kv_cache_bytes(model.config, lengths or seq, 1, args.torch_dtype), dict(stages))
+    res.lengths = lengths
     info = vtoken.get_method(method) if method else None
     n_images = inputs["pixel_values"].shape[0]
     # the projector sees the kept tokens when the method runs in the vision space, every token otherwise
     projected = visual if info is not None and info.space == "vision" else n_visual
-    llm = cost.llm_prefill_flops(model.config, seq, 1, logits=1, detail=True)
+    llm = cost.llm_prefill_flops(model.config, lengths or seq, 1, logits=1, detail=True)
     res.llm_flops = llm["total"] - llm["lm_head"]
     res.flops = cost.vit_flops(model.config, n_images) + cost.projector_flops(model.config, projected) + llm["total"]
     return res
@@ -317,7 +333,7 @@ def report(scale: str, results: list[Result], base: Result, base_runs: tuple[flo
         measured = base_ms / r.prefill_ms
         patched = r.method != "unpatched"
         kv_note = "" if r.kv_bytes == r.kv_expected else f" (expected {r.kv_expected / 2**20:.2f})"
-        main.append([r.method, r.keep, str(r.visual), str(r.seq), f"{r.prefill_ms:.0f}", f"{r.ttft_ms:.0f}",
+        main.append([r.method, r.keep, str(r.visual), r.seq_label, f"{r.prefill_ms:.0f}", f"{r.ttft_ms:.0f}",
                      f"{r.kv_bytes / 2**20:.2f}{kv_note}", f"{sel:.1f}" if patched else "-",
                      f"{100 * sel / r.prefill_ms:.2f}%" if patched else "-", f"{ideal:.2f}", f"{measured:.2f}",
                      f"{measured / ideal:.2f}"])
@@ -364,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lm", choices=["qwen2-0.5b", "llama-0.4b"], default="qwen2-0.5b")
     p.add_argument("--vision-layers", type=int, default=6)
     p.add_argument("--vision-width", type=int, default=768)
-    p.add_argument("--quick", action="store_true", help="tiny model (4-layer tower, 2-layer LM) for a smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny model (4-layer tower, 4-layer LM) for a smoke run")
     p.add_argument("--markdown", help="also write the tables as Markdown to this path")
     args = p.parse_args(argv)
     if args.threads:

@@ -1,4 +1,6 @@
-"""The ``vtoken`` command line: ``methods`` lists the registry, ``demo`` reduces a sample image's tokens."""
+"""The ``vtoken`` command line: ``methods`` lists the registry, ``bench`` measures methods x budgets on a VLM,
+``show`` draws the tokens a method keeps, ``demo`` reduces a sample image's pixel patches, ``train-micro`` trains the
+bundled micro models."""
 
 from __future__ import annotations
 
@@ -80,6 +82,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.report import markdown_table
+    from .bench.run import run_bench
+
+    report = run_bench(args.model, methods=args.methods, keeps=args.keep, limit=args.limit,
+                       batch_size=args.batch_size, repeats=args.repeats, out_dir=args.out, overlays=args.overlays,
+                       progress=not args.no_progress, device=args.device)
+    if report.get("files"):  # rank 0 under torchrun
+        _console().print(markdown_table(report), markup=False)
+        _console().print(f"{report['questions']} questions, {len(report['rows'])} configurations in "
+                         f"{report['seconds']:.0f}s; report in {args.out}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .bench.show import show
+
+    path = show(args.image, args.method, args.keep, model_path=args.model, question=args.question, out=args.out)
+    print(path)
+    return 0
+
+
+def cmd_train_micro(args: argparse.Namespace) -> int:
+    from .bench.train_micro import train_micro
+
+    train_micro(args.out, seed=args.seed, root=args.root, device=args.device, install=args.install,
+                only=args.only, resume=not args.no_resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtoken", description="Training-free visual-token reduction.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", help="method names (default: all)")
     d.add_argument("--out", default="out/demo", help="folder for overlays.png")
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="accuracy, latency, FLOPs and KV cache of methods x budgets on a VLM "
+                                     "(default: the bundled micro LLaVA on Fashion collage VQA)")
+    b.add_argument("--model", default=None, help="a Hugging Face image-text-to-text model path (default: bundled)")
+    b.add_argument("--methods", nargs="+", help="method names (default: every method the model runs)")
+    b.add_argument("--keep", nargs="+", default=["all", "0.5", "0.25", "0.11"],
+                   help="budgets: 'all', int counts, ratios or percentages (default: all 0.5 0.25 0.11)")
+    b.add_argument("--limit", type=int, default=None, help="only the first N test questions")
+    b.add_argument("--batch-size", type=int, default=50)
+    b.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
+    b.add_argument("--overlays", type=int, default=3, help="example images in the overlay sheets (0: none)")
+    b.add_argument("--out", default="out/bench", help="report folder")
+    b.add_argument("--device", default=None, help="torch device (default: the model's, CPU)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    s = sub.add_parser("show", help="write an overlay PNG of the visual tokens a method keeps on an image")
+    s.add_argument("image", help="an image file")
+    s.add_argument("--method", required=True)
+    s.add_argument("--keep", type=parse_keep, required=True, help="int count or float ratio")
+    s.add_argument("--model", default=None, help="a Hugging Face VLM path (default: the bundled micro LLaVA)")
+    s.add_argument("--question", default="what is in the middle center?", help="the prompt's question")
+    s.add_argument("--out", default=None, help="output PNG (default: <image>_<method>_<keep>.png in out/show)")
+    s.set_defaults(func=cmd_show)
+    t = sub.add_parser("train-micro", help="train the micro ViT and micro LLaVA (seeded, resumable)")
+    t.add_argument("--out", default="out/micro", help="run folder (checkpoints, models, metrics)")
+    t.add_argument("--only", choices=("vit", "llava"), default=None, help="train only one of the two")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--root", default=None, help="Fashion-MNIST directory (default: Debian package / env)")
+    t.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+    t.add_argument("--install", action="store_true", help="copy the trained models into the package assets")
+    t.add_argument("--no-resume", action="store_true")
+    t.set_defaults(func=cmd_train_micro)
     return p
 
 

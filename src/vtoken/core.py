@@ -49,7 +49,18 @@ SIGNALS: dict[str, str] = {
     "crop_ids": "[B, N] long, which crop (0 = global view) each token comes from.",
     "frame_ids": "[B, N] long, which video frame each token comes from (non-decreasing).",
     "positions": "[B, N] or [B, N, P] position ids of the tokens in the full sequence.",
-    "llm_attn": "[B, N] attention from the last text token to each visual token inside the LLM.",
+    "llm_attn": ("[B, N] attention probabilities from the last token of the prompt to each visual token inside the "
+                 "LLM (one decoder layer, averaged over heads; softmax over the whole sequence)."),
+    "llm_text_attn": ("[B, T, N] the same from each instruction token (the prompt's text after its last visual "
+                      "token; rows marked by text_mask) to each visual token."),
+    "llm_keys": "[B, N, d] keys of the visual tokens in one decoder layer (RoPE applied, heads concatenated).",
+    "llm_hidden": "[B, N, D] hidden states of the visual tokens entering a decoder layer, after the LM's final norm.",
+    "llm_text_keys": "[B, T, d] llm_keys of the instruction tokens (rows marked by text_mask).",
+    "llm_text_hidden": "[B, T, D] llm_hidden of the instruction tokens (rows marked by text_mask).",
+    "llm_embeds": "[B, N, D] input embeddings of the visual tokens (what the language model's first layer received).",
+    "llm_attn_rank": ("[B, N] importance of each visual token in one decoder layer's attention graph over the whole "
+                      "sequence: PageRank-style power steps per head through the causal softmax(logits / temperature) "
+                      "rows of EVERY token (ops.attention.attention_pagerank), heads combined by root mean square."),
     "sizes": "[B, N] float, how many original patches each token already represents (merging methods).",
 }
 
@@ -169,7 +180,8 @@ def check_signal(name: str, value: Any, tokens: Tensor, method: str) -> Any:
         raise ValueError(f"{where} must have batch size {b} first ({SIGNALS.get(name, '')}), got {tuple(value.shape)}")
     expect_n = {"cls_attn": 1, "attn_logits": 1, "attn": 1, "keys": 1, "vision_features": 1, "crop_ids": 1,
                 "frame_ids": 1, "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2,
-                "attn_received_layers": 2}
+                "attn_received_layers": 2, "llm_keys": 1, "llm_hidden": 1, "llm_text_attn": 2,
+                "llm_embeds": 1, "llm_attn_rank": 1}
     if name in expect_n:
         dim = expect_n[name]
         if value.dim() <= dim or value.shape[dim] != n:

@@ -45,6 +45,20 @@ def test_llm_flops_by_hand():
     assert cost.llm_prefill_flops(cfg, 4, 1, past=6, detail=True)["attention"] == 4 * 4 * 16 * (7 + 8 + 9 + 10) * 2
 
 
+def test_per_layer_lengths_by_hand():
+    """Pruning inside the LM: layer i processes seq_len[i] tokens; the LM head reads the last layer's output."""
+    cfg = llama_config()
+    d = cost.llm_prefill_flops(cfg, [10, 4], 3, logits=None, detail=True)
+    assert d["proj"] == 2 * 3 * (10 + 4) * 64 * (2 * 64 + 2 * 32)
+    assert d["mlp"] == 2 * 3 * (10 + 4) * 3 * 64 * 128
+    assert d["attention"] == 4 * 3 * 4 * 16 * (55 + 10)
+    assert d["lm_head"] == 2 * 3 * 4 * 64 * 100
+    assert cost.llm_prefill_flops(cfg, [10, 10], 3) == cost.llm_prefill_flops(cfg, 10, 3)
+    assert cost.kv_cache_bytes(cfg, [10, 4], 2) == 2 * 2 * 2 * 16 * 4 * (10 + 4)
+    with pytest.raises(ValueError, match="seq_len"):
+        cost.llm_prefill_flops(cfg, [10, 4, 2])
+
+
 def test_sliding_window_pairs_and_kv_by_hand():
     cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,

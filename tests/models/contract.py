@@ -20,8 +20,9 @@ Inputs = dict[str, Tensor]
 
 
 def supported(adapter: Any) -> list[str]:
-    """Every method the adapter class can run."""
-    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None]
+    """Every method the adapter class can run before the language model (``llm``-stage methods have their own checks
+    in ``tests/models/test_llm_stage.py``)."""
+    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and m.stage != "llm"]
 
 
 def attention_methods(adapter: Any, signals: frozenset[str] = ATTENTION_SIGNALS) -> list[str]:

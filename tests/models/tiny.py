@@ -21,7 +21,7 @@ TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_atten
 
 def text_config(cls: Any = LlamaConfig, vocab_size: int = VOCAB, **extra: Any) -> Any:
     """A :data:`TEXT`-sized language-model config of class ``cls``."""
-    return cls(vocab_size=vocab_size, **TEXT, **extra)
+    return cls(**{**TEXT, "vocab_size": vocab_size, **extra})
 
 
 def build(model_cls: Any, cfg: Any, attn: str) -> Any:
@@ -53,12 +53,12 @@ def unpadded_ids(inputs: dict[str, torch.Tensor], b: int) -> torch.Tensor:
 
 
 def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 32,
-               patch: int = 4) -> LlavaForConditionalGeneration:
-    """LLaVA: CLIP tower (CLS + (image_size / patch)^2 patches, 3 layers), Llama LM (2 layers), fp32."""
+               patch: int = 4, lm_layers: int = 2) -> LlavaForConditionalGeneration:
+    """LLaVA: CLIP tower (CLS + (image_size / patch)^2 patches, 3 layers), Llama LM (``lm_layers`` layers), fp32."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(**TOWER, image_size=image_size, patch_size=patch, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=text_config(), image_token_id=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg = LlavaConfig(vision_config=vision, text_config=text_config(num_hidden_layers=lm_layers),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
     return build(LlavaForConditionalGeneration, cfg, attn)
 
 

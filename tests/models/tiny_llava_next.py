@@ -20,11 +20,12 @@ IMAGE_TOKEN = 250
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def tiny_llava_next(attn: str = "sdpa", seed: int = 0) -> LlavaNextForConditionalGeneration:
-    """LLaVA-NeXT: CLIP tower (CLS + 4 x 4 patches per view, 3 layers), Llama LM (2 layers), fp32."""
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0, lm_layers: int = 2) -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT: CLIP tower (CLS + 4 x 4 patches per view, 3 layers), Llama LM (``lm_layers`` layers), fp32."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(**TOWER, image_size=32, patch_size=8, projection_dim=32)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text_config(), image_token_id=IMAGE_TOKEN,
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text_config(num_hidden_layers=lm_layers),
+                          image_token_id=IMAGE_TOKEN,
                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
     return build(LlavaNextForConditionalGeneration, cfg, attn)

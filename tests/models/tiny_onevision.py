@@ -19,14 +19,15 @@ VIDEO_TOKEN = 251
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 
 
-def tiny_onevision(attn: str = "sdpa", seed: int = 0, aspect: str = "anyres_max_2") -> \
+def tiny_onevision(attn: str = "sdpa", seed: int = 0, aspect: str = "anyres_max_2", lm_layers: int = 2) -> \
         LlavaOnevisionForConditionalGeneration:
     """LLaVA-OneVision: SigLIP tower (32 px images, 8 px patches -> 4 x 4 = 16 tokens per view, 3 layers, no CLS),
     Qwen2 LM (2 layers), fp32. ``aspect="anyres_max_2"`` downscales crop grids larger than ~2.4 views of tokens, so a
     2 x 2-crop image is bilinearly resized while a 1 x 2-crop one is not."""
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(**TOWER, image_size=32, patch_size=8, vision_use_head=False)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text_config(Qwen2Config, tie_word_embeddings=False),
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text_config(Qwen2Config, tie_word_embeddings=False,
+                                                                               num_hidden_layers=lm_layers),
                                image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
                                vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
                                vision_aspect_ratio=aspect)

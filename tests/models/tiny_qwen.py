@@ -31,23 +31,23 @@ def _finish(model_cls, cfg, attn: str):
     return model
 
 
-def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, lm_layers: int = 2) -> Qwen2VLForConditionalGeneration:
     """Qwen2-VL: 3 vision blocks (width 32, 4 heads, 2 x 2 pixel patches, 2 x 2 merge), Qwen2 LM (2 layers), fp32."""
     torch.manual_seed(seed)
     vision = dict(depth=3, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=PATCH,
                   spatial_merge_size=2, temporal_patch_size=TEMPORAL, in_channels=3)
-    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=vision, **TOKENS)
+    cfg = Qwen2VLConfig(text_config={**QWEN_TEXT, "num_hidden_layers": lm_layers}, vision_config=vision, **TOKENS)
     return _finish(Qwen2VLForConditionalGeneration, cfg, attn)
 
 
-def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0, lm_layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen2.5-VL: 3 vision blocks (width 32, 4 heads), attention in windows of 8 px (2 x 2 merged tokens) in block 1,
     full attention in blocks 0 and 2 (as the last block of the released models), Qwen2 LM (2 layers), fp32."""
     torch.manual_seed(seed)
     vision = dict(depth=3, hidden_size=32, out_hidden_size=48, intermediate_size=64, num_heads=4, patch_size=PATCH,
                   spatial_merge_size=2, temporal_patch_size=TEMPORAL, in_channels=3, window_size=8,
                   fullatt_block_indexes=[0, 2])
-    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **TOKENS)
+    cfg = Qwen2_5_VLConfig(text_config={**QWEN_TEXT, "num_hidden_layers": lm_layers}, vision_config=vision, **TOKENS)
     return _finish(Qwen2_5_VLForConditionalGeneration, cfg, attn)
 
 

@@ -11,6 +11,7 @@ and a batch size, so ``vtoken bench`` and ``benchmarks/prefill.py`` share one co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +93,22 @@ def _attention_pairs(q_len: int, past: int, causal: bool, window: int | None = N
     return (lo + window) * m // 2 + (q_len - m) * window
 
 
-def llm_prefill_flops(config: Any, seq_len: int, batch: int = 1, *, past: int = 0, causal: bool = True,
-                      logits: int | None = 1, detail: bool = False) -> float | dict[str, float]:
+def _per_layer(d: TextDims, seq_len: int | Sequence[int], what: str) -> list[int]:
+    """``seq_len`` as one length per decoder layer (an int: the same in every layer)."""
+    if isinstance(seq_len, int):
+        return [seq_len] * d.layers
+    lengths = [int(v) for v in seq_len]
+    if len(lengths) != d.layers:
+        raise ValueError(f"{what}: seq_len lists {len(lengths)} per-layer lengths for a model of {d.layers} layers")
+    return lengths
+
+
+def llm_prefill_flops(config: Any, seq_len: int | Sequence[int], batch: int = 1, *, past: int = 0,
+                      causal: bool = True, logits: int | None = 1, detail: bool = False) -> float | dict[str, float]:
     """FLOPs of a language-model forward over ``seq_len`` new tokens per sample (after ``past`` cached ones).
+
+    ``seq_len`` may list one length per decoder layer (pruning inside the language model: layer ``i`` processes
+    ``seq_len[i]`` tokens and attends over them; the LM head reads the last layer's output).
 
     Per layer and token: Q/K/V/O projections ``2 * H * (2 E + 2 E_kv)``, MLP ``2 * m * H * I`` (``m`` = 3 gated,
     2 plain); per layer, head and scored query-key pair: ``4 * head_dim`` (``Q K^T`` and ``P V``). ``causal``
@@ -104,34 +118,37 @@ def llm_prefill_flops(config: Any, seq_len: int, batch: int = 1, *, past: int = 
     "lm_head", "total"}``.
     """
     d = text_dims(config)
+    lengths = _per_layer(d, seq_len, "llm_prefill_flops")
     q_width, kv_width = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    tokens = batch * seq_len
-    proj = 2.0 * tokens * d.hidden * (2 * q_width + 2 * kv_width) * d.layers
-    mlp = 2.0 * tokens * d.mlp_matrices * d.hidden * d.intermediate * d.layers
+    tokens = batch * sum(lengths)
+    proj = 2.0 * tokens * d.hidden * (2 * q_width + 2 * kv_width)
+    mlp = 2.0 * tokens * d.mlp_matrices * d.hidden * d.intermediate
     attention = 0.0
-    for kind in d.layer_types:
+    for kind, n in zip(d.layer_types, lengths, strict=True):
         window = d.sliding_window if kind == "sliding_attention" else None
-        attention += 4.0 * batch * d.heads * d.head_dim * _attention_pairs(seq_len, past, causal, window)
-    rows = seq_len if logits is None else min(int(logits), seq_len)
+        attention += 4.0 * batch * d.heads * d.head_dim * _attention_pairs(n, past, causal, window)
+    rows = lengths[-1] if logits is None else min(int(logits), lengths[-1])
     lm_head = 2.0 * batch * rows * d.hidden * d.vocab
     out = {"proj": proj, "attention": attention, "mlp": mlp, "lm_head": lm_head}
     out["total"] = sum(out.values())
     return out if detail else out["total"]
 
 
-def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the key + value tensors a ``DynamicCache`` holds after a prefill of ``seq_len`` tokens per sample:
+def kv_cache_bytes(config: Any, seq_len: int | Sequence[int], batch: int = 1,
+                   dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the key + value tensors a ``DynamicCache`` holds after a prefill of ``seq_len`` tokens per sample
+    (or one length per layer, after pruning inside the language model):
     ``2 * batch * kv_heads * cached * head_dim * itemsize`` summed over layers, where a sliding-window layer keeps
     only its last ``sliding_window - 1`` tokens (as transformers' ``DynamicSlidingWindowLayer``)."""
     d = text_dims(config)
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for kind in d.layer_types:
+    for kind, n in zip(d.layer_types, _per_layer(d, seq_len, "kv_cache_bytes"), strict=True):
         if kind == "dummy":  # a layer that reuses another layer's cache (or has no attention) stores nothing
             continue
-        cached = seq_len
+        cached = n
         if kind == "sliding_attention" and d.sliding_window:
-            cached = min(seq_len, d.sliding_window - 1)
+            cached = min(n, d.sliding_window - 1)
         total += 2 * batch * d.kv_heads * cached * d.head_dim * item
     return total
 

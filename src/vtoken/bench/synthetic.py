@@ -65,10 +65,20 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
         return torch.zeros(b, n, dtype=torch.long, device=dev)
     if name == "positions":
         return torch.arange(n, device=dev).expand(b, n).clone()
-    if name == "llm_attn":
+    if name in ("llm_attn", "llm_attn_rank"):
         return torch.softmax(x @ x.mean(1, keepdim=True).transpose(1, 2) / math.sqrt(d), dim=1)[..., 0]
     if name == "sizes":
         return torch.ones(b, n, device=dev)
+    if name in ("llm_hidden", "llm_embeds"):
+        return x
+    if name == "llm_keys":
+        return x @ _projection(d, min(d, 64), seed + 4).to(dev)
+    if name in ("llm_text_hidden", "llm_text_keys"):
+        text = make_signal("text", tokens, text_len=text_len, seed=seed).float()
+        return text if name == "llm_text_hidden" else text @ _projection(d, min(d, 64), seed + 4).to(dev)
+    if name == "llm_text_attn":
+        text = make_signal("text", tokens, text_len=text_len, seed=seed).float()
+        return torch.softmax(text @ x.transpose(1, 2) / math.sqrt(d), dim=-1)
     raise ValueError(f"no synthetic stand-in for signal {name!r}")
 
 

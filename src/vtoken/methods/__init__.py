@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import KINDS, STAGES, MethodInfo, all_methods, get_method, register
+from .registry import KINDS, STAGES, LLMSchedule, MethodInfo, all_methods, get_method, register
 
-__all__ = ["KINDS", "STAGES", "MethodInfo", "all_methods", "get_method", "register"]
+__all__ = ["KINDS", "STAGES", "LLMSchedule", "MethodInfo", "all_methods", "get_method", "register"]
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _mod != "registry" and not _mod.startswith("_"):

@@ -1,8 +1,12 @@
-"""ToDRE, stage 1: greedy k-center diversity selection of the visual tokens after the vision encoder.
+"""ToDRE: diversity before the LLM (``todre``, stage 1) and task relevance inside it (``todre_llm``, stage 2).
 
 Li, Yang, Lu, "ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large Vision-Language
-Models", arXiv 2505.18757 (2025). No official code is released; this follows the paper's description of stage 1
-(greedy k-center on token features). Stage 2 (task-relevance pruning inside the LLM) is not part of this method.
+Models", arXiv 2505.18757 (2025; v2 "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance").
+No official code is released; both stages follow the paper's text. The two compose as
+``vtoken.apply(model, [("todre", {"keep": 0.1}), ("todre_llm", {"keep": 0.99})])``: stage 1 keeps a diverse 10%
+before the language model, stage 2 removes every remaining visual token at a late decoder layer once the instruction
+stops attending to them (``keep`` of stage 2 is a cap on what it keeps otherwise; ``keep=1.0`` turns it off, see
+:func:`todre_llm`).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import Reduction, reduction_from_indices
+from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.select import k_center_select, point_distances
 from ..ops.similarity import float32, l2_normalize
-from .registry import register
+from ._schedule import resolve_llm_keep, scale_layer
+from .registry import LLMSchedule, register
 
 
 @register("todre", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
@@ -54,3 +59,67 @@ def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_
     first = to_mean.argmin(dim=1)
     order = k_center_select(feats, counts, mask, first=first, metric=metric)
     return reduction_from_indices(tokens, order, extras={"order": order})
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"todre_llm: threshold must be a number in [0, 1] (an attention ratio), got {threshold!r}")
+    return float(threshold)
+
+
+def _llm_layers(depth: int, layer: int = 28, ref_depth: int = 32, threshold: float = 0.1) -> list[int]:
+    # `layer` is the decoder layer whose attention decides; the tokens go before the next one
+    _check_threshold(threshold)  # at apply(), before any forward
+    return [scale_layer("layer", layer, depth, ref_depth, "todre_llm", lo=0, hi=depth - 2) + 1]
+
+
+def _llm_counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
+    return [resolve_llm_keep(keep, n, images)]
+
+
+@register("todre_llm", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
+          "Vision-Language Models", venue="arXiv 2025", repo=None, stage="llm", kind="prune",
+          signals=("llm_text_attn", "text_mask"), exact=False, schedule=LLMSchedule(_llm_layers, _llm_counts))
+def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
+              text_mask: Tensor | None = None, layer: int = 28, ref_depth: int = 32,
+              threshold: float = 0.1) -> Reduction:
+    """ToDRE stage 2 (relevance-driven token reduction, Sec. 4.2): drop every visual token once the instruction no
+    longer attends to them; otherwise keep the ``counts[b]`` most task-relevant ones.
+
+    Args:
+        tokens: ``[B, N, D]`` hidden states of the visual tokens entering decoder layer ``layer + 1``.
+        counts: ``[B]`` long, the most visual tokens a sample keeps when the rule does not fire.
+        mask: optional ``[B, N]`` bool, True on real visual tokens.
+        llm_text_attn: ``[B, T, N]`` attention probabilities (heads averaged, softmax over the whole sequence) from
+            the instruction tokens (rows marked by ``text_mask [B, T]``) to the visual tokens in decoder layer
+            ``layer``.
+        layer: the decoder layer whose attention decides (paper: fractional depth 7L/8, i.e. 28 of 32), given for
+            ``ref_depth`` layers and scaled to the model (``round(layer * depth / ref_depth)``, at most
+            ``depth - 2``); the visual tokens are removed after it.
+        threshold: ``tau`` (paper 0.10).
+
+    Per sample, the text-to-visual ratio ``alpha_t->v = sum_{i in T, j in V} A_ij / sum_{i in T, j} A_ij`` is the
+    mean, over the instruction rows, of the attention mass on the visual tokens (each row sums to 1). Where it is
+    below ``threshold`` every visual token is removed (``extras["dropped"]``); elsewhere the ``counts[b]`` tokens of
+    largest mean instruction attention (the same relevance, ties to the lowest index) are kept.
+
+    Assumptions (no official code): the paper also requires ``alpha_v->t < tau``; with the instruction AFTER the image
+    (its ``S, V, T`` layout) causal attention gives visual queries no text keys, so that ratio is identically 0 and is
+    not computed. ``T`` is every token after the sample's last visual token (chat-template tokens included). The
+    paper has no budget in stage 2 (it removes all or nothing); ``keep`` caps what survives when the rule does not
+    fire, so ``keep=1.0`` is the identity (vtoken's invariant) and a ``keep`` just below 1 (e.g. ``0.99``) is the
+    paper's all-or-nothing rule. A single decision layer (the paper's default); its multi-layer ablations are not
+    reproduced. Returns ``[B, K, D]`` in source order (``K`` may be 0); ``extras``: ``ratio [B]``, ``dropped [B]``,
+    ``relevance [B, N]``.
+    """
+    threshold = _check_threshold(threshold)
+    assert llm_text_attn is not None and text_mask is not None
+    rows = text_mask.to(device=tokens.device, dtype=torch.bool)
+    att = llm_text_attn.float().to(tokens.device) * rows[..., None]
+    if mask is not None:
+        att = att * mask[:, None, :]
+    relevance = att.sum(1) / rows.sum(1, keepdim=True).clamp(min=1)  # [B, N]
+    ratio = relevance.sum(1)
+    dropped = ratio < threshold
+    order = topk_indices(relevance, counts, mask).masked_fill(dropped[:, None], -1)
+    return reduction_from_indices(tokens, order, extras={"ratio": ratio, "dropped": dropped, "relevance": relevance})

@@ -5,7 +5,8 @@ instances and the class stay untouched) and registers q/k hooks on the vision to
 need. On a prefill with images it encodes the images itself (the same ops as the model), runs the method pipeline
 on the visual tokens, splices the kept tokens into the input embeddings, drops the removed positions from the
 sequence (kept tokens keep their original position ids) and calls the model's own forward with ``inputs_embeds``.
-Decode steps only get their attention mask re-aligned to the shorter cache.
+Decode steps only get their attention mask re-aligned to the shorter cache. ``llm``-stage steps run inside the
+language model's decoder layers (:mod:`vtoken.models.llm`), after the pre-LLM steps.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Reduction
+from ..core import Reduction, reduction_from_indices
 from ..methods import MethodInfo
 from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
+from .llm import LLM_SIGNALS, DecoderPruner
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
 
@@ -101,7 +103,7 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
-    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
+    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "llm", "video")
     #: signals the family can provide
     provides: ClassVar[frozenset[str]] = frozenset()
     #: apply() options the family itself takes (not method knobs)
@@ -109,7 +111,10 @@ class Adapter:
 
     def __init__(self, model: nn.Module, steps: list[Step]) -> None:
         self.model = model
-        self.steps = steps
+        #: the steps run on the visual tokens before the language model; ``llm_steps`` run inside it
+        self.steps = [s for s in steps if s.info.stage != "llm"]
+        self.llm_steps = [s for s in steps if s.info.stage == "llm"]
+        self.llm: DecoderPruner | None = None
         self.handle: Handle | None = None
         self.capture: QKCapture | None = None
         self._installed: Any = None
@@ -124,7 +129,8 @@ class Adapter:
         """Why this family cannot run ``info`` (``None`` when it can)."""
         if info.stage not in cls.stages:
             return f"stage {info.stage!r} is not supported on {cls.family} (supported: {', '.join(cls.stages)})"
-        missing = [s for s in info.signals if s not in cls.provides]
+        provided = LLM_SIGNALS if info.stage == "llm" else cls.provides
+        missing = [s for s in info.signals if s not in provided]
         if missing:
             return f"{cls.family} cannot provide the signal(s) {missing} that {info.name!r} needs"
         if not info.needs_keep:
@@ -149,6 +155,9 @@ class Adapter:
         if self.capture is not None:
             self.capture.want(self.wanted_layers())
             self.capture.attach()
+        if self.llm_steps:
+            self.llm = DecoderPruner(self.language_model(), self.llm_steps)
+            self.llm.attach()
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return self.forward(*args, **kwargs)
@@ -169,6 +178,9 @@ class Adapter:
         if self.capture is not None:
             self.capture.detach()
             self.capture = None
+        if self.llm is not None:
+            self.llm.detach()
+            self.llm = None
         self._state = None
 
     # ---- family hooks -----------------------------------------------------------------------------------------
@@ -193,6 +205,26 @@ class Adapter:
     def image_key(self) -> str:
         return "pixel_values"
 
+    def language_model(self) -> nn.Module:
+        """The decoder whose layers ``llm``-stage steps hook (``.layers``, ``.norm``, ``.config``)."""
+        inner = self.model.model
+        lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+        if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "norm"):
+            raise ValueError(f"{self.family} adapter: no decoder with .layers and .norm found for llm-stage methods")
+        return lm
+
+    def images_per_sample(self, images: Images, batch: int) -> Tensor:
+        """``[B]`` images of each sample (``int`` keep of an llm-stage method counts per image)."""
+        return torch.bincount(images.sample, minlength=batch)
+
+    def last_columns(self, red: Reduction, images: Images) -> tuple[Tensor, Tensor] | None:
+        """Sample ``[I]`` and prompt column ``[I, K]`` of each output token of ``red`` (the pre-LLM reduction, one row
+        per image), to compose ``handle.last`` with llm-stage pruning; ``None`` where the family cannot say."""
+        if red.indices.shape[0] != images.columns.shape[0]:
+            return None
+        cols = images.columns.gather(1, red.indices.clamp(min=0))
+        return images.sample, torch.where(red.mask, cols, -1)
+
     def positions(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
         """Original position ids of the prefill: the caller's, or what the language model would compute."""
         if kwargs.get("position_ids") is not None:
@@ -213,7 +245,15 @@ class Adapter:
         kw.pop("mm_encoder_outputs", None)
         if kw.get(self.image_key()) is None:
             return self._original(**self.decode_inputs(kw))
-        return self._original(**self.prefill_inputs(kw))
+        inputs = self.prefill_inputs(kw)
+        if self.llm is None:
+            return self._original(**inputs)
+        try:
+            out = self._original(**inputs)
+        finally:
+            final = self.llm.end_prefill()
+        self.compose_llm(final)
+        return out
 
     def decode_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
         """Re-align a decode step's attention mask (original columns) to the compacted cache."""
@@ -223,6 +263,8 @@ class Adapter:
         past_len = past.get_seq_length() if past is not None else 0
         if past_len == 0:  # a new text-only prefill: the previous image prefill's layout no longer applies
             self._state = self._next_position = None
+            if self.llm is not None:
+                self.llm.reset()
             return kw
         if state is None:
             return kw
@@ -245,6 +287,7 @@ class Adapter:
             raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
                              "image placeholder tokens")
         images = self.encode(kw)
+        self._images = images
         signals = self.collect_signals(images, kw)
         return input_ids, images, self.reduce_images(images, signals)
 
@@ -285,11 +328,64 @@ class Adapter:
             kw["attention_mask"] = comp.attention_mask.to(attention_mask.dtype if attention_mask is not None
                                                           else torch.long)
         if kw.get("labels") is not None:
+            if self.llm is not None:
+                raise ValueError(f"labels: llm-stage methods ({[s.info.name for s in self.llm_steps]}) shorten the "
+                                 "sequence inside the language model, so the logits no longer align with labels; "
+                                 "compute the loss without them")
             kw["labels"] = comp.take(kw["labels"], fill=-100)
         self._state = comp
+        if self.llm is not None:
+            if kw.get("past_key_values") is not None and kw["past_key_values"].get_seq_length() > 0:
+                raise ValueError("past_key_values: llm-stage methods need the images in the first prefill (an empty "
+                                 "cache)")
+            g = comp.gather
+            visual = self.image_token_mask(input_ids) & keep
+            visual = visual.gather(1, g.clamp(min=0)) & (g >= 0)
+            self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]))
         last = positions if pos_dim == 1 else positions.amax(0)
         self._next_position = last.amax(1) + 1
         return kw
+
+    def compose_llm(self, final: Tensor) -> None:
+        """After a prefill with llm-stage pruning: ``handle.last`` keeps only the tokens that reached the last decoder
+        layer; ``extras["llm"]`` holds ``lengths`` (sequence length entering each decoder layer), ``stages`` (per
+        pruning: layer, method, visual tokens in / out per sample, the length after, the method's reduction),
+        ``columns`` (``[B, L']`` prompt column, in the caller's sequence, of each slot of the last layout, ``-1`` on
+        padding) and ``pre_llm`` (the reduction before the language model)."""
+        assert self.handle is not None and self.llm is not None and self._state is not None
+        g = self._state.gather
+        cols = torch.where(final >= 0, g.gather(1, final.clamp(min=0)), -1)
+        stages = [{**r, "columns": torch.where(r["columns"] >= 0, g.gather(1, r["columns"].clamp(min=0)), -1)}
+                  if "columns" in r else r for r in self.llm.records]
+        info = {"lengths": list(self.llm.lengths), "stages": stages, "columns": cols}
+        red = self.handle.last
+        if red is None:
+            return
+        b = g.shape[0]
+        survive = torch.zeros(b, self._state.length + 1, dtype=torch.bool, device=g.device)
+        rows = torch.arange(b, device=g.device)[:, None].expand_as(cols)
+        survive[rows, torch.where(cols >= 0, cols, self._state.length)] = True
+        survive = survive[:, :-1]
+        got = self.last_columns(red, self._images)
+        info["pre_llm"] = red
+        if got is None:
+            red.extras["llm"] = info
+            return
+        sample, where = got
+        alive = red.mask & survive[sample[:, None].expand_as(where), where.clamp(min=0)] & (where >= 0)
+        k = red.indices.shape[1]
+        slots = torch.where(alive, torch.arange(k, device=g.device).expand_as(alive), -1)
+        out = reduction_from_indices(red.tokens, slots)
+        keep = out.mask
+        indices = torch.where(keep, red.indices.gather(1, out.indices.clamp(min=0)), -1)
+        sizes = None if red.sizes is None else red.sizes.gather(1, out.indices.clamp(min=0)) * keep
+        assign = None
+        if red.assign is not None:
+            inverse = torch.full((alive.shape[0], k + 1), -1, dtype=torch.long, device=g.device)
+            inverse.scatter_(1, torch.where(keep, out.indices, k), torch.arange(keep.shape[1], device=g.device)
+                             .expand_as(keep).masked_fill(~keep, -1))
+            assign = torch.where(red.assign >= 0, inverse[:, :k].gather(1, red.assign.clamp(min=0)), -1)
+        self.handle.last = Reduction(out.tokens, indices, keep, assign, sizes, {**red.extras, "llm": info})
 
     # ---- signals ----------------------------------------------------------------------------------------------
     def collect_signals(self, images: Images, kw: dict[str, Any]) -> dict[str, Any]:

@@ -293,6 +293,23 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         return fold_views(red, images.extra["view_image"], images.extra["view_position"], images.extra["n_images"],
                           images.columns.shape[1])
 
+    def images_per_sample(self, images: Images, batch: int) -> Tensor:
+        first = torch.ones_like(images.sample, dtype=torch.bool)
+        first[1:] = images.extra["view_image"][1:] != images.extra["view_image"][:-1]
+        return torch.bincount(images.sample[first], minlength=batch)
+
+    def last_columns(self, red: Reduction, images: Images) -> tuple[Tensor, Tensor] | None:
+        """Image slot ``v * n + i`` of a folded reduction is token ``i`` of the image's view ``v``."""
+        ex = images.extra
+        n = images.columns.shape[1]
+        image, position = ex["view_image"], ex["view_position"]
+        table = torch.full((ex["n_images"], int(position.max()) + 1), -1, dtype=torch.long, device=image.device)
+        table[image, position] = torch.arange(image.numel(), device=image.device)
+        idx = red.indices.clamp(min=0)
+        row = table.gather(1, (idx // n).clamp(max=table.shape[1] - 1))
+        cols = images.columns[row.clamp(min=0), idx % n]
+        return images.sample[table[:, 0]], torch.where(red.mask & (row >= 0), cols, -1)
+
     def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
         input_ids, images, red = self.reduce_prefill(kw)
         assert self.handle is not None

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import Reduction, gather_rows
+from ..core import Reduction, gather_rows, reduction_from_indices
 from ..methods import MethodInfo
 from .base import ClsTowerAdapter, Images
 from .pipeline import Step, run_steps, slot_map
@@ -206,6 +206,10 @@ def reduce_views(steps: Sequence[Step], shares: Sequence[Tensor | None], views: 
     (optional) is the model's own LLM-space value of each view token (``run_steps``' ``exact``).
     """
     r = views.columns.shape[0]
+    if not steps:  # only llm-stage methods: every view token, in the LLM space
+        own = None if exact is None else (lambda index, valid: gather_rows(exact, index, valid))
+        red = run_steps([], views.tokens, signals, views.project, views.space, mask=views.mask, exact=own)
+        return red if bool(red.mask.all()) else reduction_from_indices(red.tokens, red.indices)  # valid tokens first
     table = torch.stack([s if s is not None else torch.full_like(views.sample, -1) for s in shares], dim=1)
     run = (table != 0).all(1)
     if views.mask is not None:

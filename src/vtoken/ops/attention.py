@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .similarity import float32
 
-__all__ = ["ClsAttention", "cls_attention", "cls_attention_logits", "head_mean", "split_heads"]
+__all__ = ["ClsAttention", "attention_pagerank", "cls_attention", "cls_attention_logits", "head_mean", "split_heads"]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -107,3 +107,67 @@ def cls_attention(q: Tensor, k: Tensor, num_heads: int | None = None, scale: flo
     mean = rows.mean(1)
     i = query_index % mean.shape[-1]
     return ClsAttention(rows, torch.cat([mean[:, :i], mean[:, i + 1:]], dim=-1), logits)
+
+
+def attention_pagerank(q: Tensor, k: Tensor, valid: Tensor, *, temperature: float = 1.0, iters: int = 5,
+                       damping: float = 0.0, budget: int = 1 << 28) -> Tensor:
+    """PageRank-style centrality of every token in a causal attention graph, per head, combined over heads.
+
+    Args:
+        q: ``[B, L, H, d]`` queries (RoPE applied, already multiplied by the logit scale).
+        k: ``[B, L, H_kv, d]`` keys; ``H_kv`` divides ``H`` (query head ``h`` reads key head ``h // (H / H_kv)``).
+        valid: ``[B, L]`` bool, real tokens (padding is neither a query nor a key).
+        temperature: the transition matrix is ``M = softmax(q k^T / temperature)`` over the keys a row may see
+            (causal: ``j <= i``, real keys only), row-stochastic.
+        iters: power steps ``p <- (1 - damping) p M + damping u`` from the uniform distribution ``u`` over the real
+            tokens (mass flows from a query to the keys it attends to).
+        damping: teleport probability (0: plain power iteration).
+        budget: bytes of float32 transition rows held at once: ``M`` is built in blocks of query rows and kept
+            between steps only when all of it fits, else rebuilt at each step (memory ``O(budget)``, not ``O(L^2)``).
+
+    Returns ``[B, L]`` float32: the root mean square over heads of each token's mass after ``iters`` steps (0 on
+    padding). Computed in float32; a sample's scores do not depend on the other samples or on its padding.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q [B, L, H, d] and k [B, L, H_kv, d] must agree, got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, n, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"the key heads ({hkv}) must divide the query heads ({h})")
+    if tuple(valid.shape) != (b, n):
+        raise ValueError(f"valid must have shape [B, L] = {(b, n)}, got {tuple(valid.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if not 0.0 <= damping <= 1.0:
+        raise ValueError(f"damping must be in [0, 1], got {damping!r}")
+    g = h // hkv
+    qf = float32(q).reshape(b, n, hkv, g, d) / temperature
+    kf = float32(k)
+    valid = valid.to(device=q.device, dtype=torch.bool)
+    slots = torch.arange(n, device=q.device)
+    uniform = valid.float() / valid.sum(1, keepdim=True).clamp(min=1).float()  # [B, L]
+    rows = max(1, budget // max(1, b * h * n * 4))
+    blocks = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    keep = b * h * n * n * 4 <= budget
+    cache: dict[int, Tensor] = {}
+
+    def transition(a: int, e: int) -> Tensor:  # rows a:e of M, [B, H, r, L]
+        if a in cache:
+            return cache[a]
+        logits = torch.einsum("brkgd,blkd->bkgrl", qf[:, a:e], kf).reshape(b, h, e - a, n)
+        allowed = valid[:, None, :] & (slots[None, None, :] <= slots[a:e, None])
+        allowed = allowed | ((slots[None, None, :] == slots[a:e, None]) & ~valid[:, a:e, None])  # padding: itself
+        m = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+        if keep:
+            cache[a] = m
+        return m
+
+    dist = uniform[:, None, :].expand(b, h, n)
+    for _ in range(iters):
+        new = torch.zeros(b, h, n, device=q.device)
+        for a, e in blocks:
+            new += torch.einsum("bhr,bhrl->bhl", dist[..., a:e], transition(a, e))
+        dist = new if damping == 0.0 else (1.0 - damping) * new + damping * uniform[:, None, :]
+    return dist.pow(2).mean(1).sqrt() * valid

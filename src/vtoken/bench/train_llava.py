@@ -1,0 +1,415 @@
+"""Reproducible trainer for the micro LLaVA on Fashion collage VQA (the bench's default model).
+
+Training from scratch end to end stalls (the language model cannot ground position words while the tower is still
+learning to see), so the recipe has two stages, as LLaVA's alignment-then-tuning does:
+
+1. **Tower** (``tower_steps``): the CLIP vision tower learns to see the collages with dense, cheap supervision,
+   every patch token predicts its cell's content (empty or one of 10 classes) and its cell row and column, the CLS
+   token predicts which classes are present (multi-label). The heads are discarded afterwards; what stays is a tower
+   whose patch tokens carry "what" and "where" linearly.
+2. **Language model** (``lm_steps``): the tower is frozen (its features are computed once and cached), the projector
+   and the Llama language model learn to answer. Each training sequence is one collage followed by ``turns``
+   question/answer turns in the llava-1.5 conversation format, so one pass over the 144 image tokens supervises
+   several answers; the first turn is exactly the single-turn prompt used at test time.
+
+Everything random derives from ``seed`` without hidden state (batch ``s`` of stage ``k`` from
+``SeedSequence([seed, k, s])``), so a run resumes from ``<out>/checkpoint.pt`` to the same weights. The state at
+the end of stage 1 is also kept in ``<out>/tower.pt``: a run that differs only in its stage-2 arguments starts
+from it (in an out_dir without ``checkpoint.pt``).
+Outputs in ``out_dir``: ``config.json`` + ``model.safetensors`` + processor files (load with
+``AutoModelForImageTextToText`` / ``AutoProcessor``), ``metrics.json`` (per-question-type accuracy of greedy
+``generate`` on the shipped test set, history, arguments, timing) and ``checkpoint.pt``.
+
+CLI: ``python -m vtoken.bench.train_llava OUT_DIR`` (see ``--help``); ``vtoken train-micro`` trains both micro models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fashion import CLASS_NAMES, Example, accuracy_by_type, load_default_test_set, make_split
+from .micro_llava import (
+    BOS_ID,
+    EOS_ID,
+    IMAGE_ID,
+    NUM_IMAGE_TOKENS,
+    PAD_ID,
+    build_processor,
+    build_tokenizer,
+    micro_llava_config,
+    pixel_values,
+)
+from .train_vit import CHECKPOINT, METRICS, _comparable, _progress, _rng_state, _save_atomic, _set_rng_state
+
+_CKPT_FORMAT = 1
+_STAGES = ("tower", "lm")
+_RUN_KEYS = ("seed", "images", "turns", "tower_steps", "tower_batch", "tower_lr", "lm_steps", "lm_batch", "lm_lr",
+             "model")
+_TOWER_KEYS = ("seed", "images", "turns", "tower_steps", "tower_batch", "tower_lr", "model")
+TOWER = "tower.pt"
+
+
+class TowerHeads(nn.Module):
+    """Stage-1 heads on the tower's last hidden state ``[n, 1 + 144, C]``: patch -> cell content (11 way: empty +
+    classes; also scored on the logits averaged over the cell's patches), patch -> cell row and column (3 + 3
+    way), CLS -> classes present (10 logits)."""
+
+    def __init__(self, hidden: int, rows: int = 3, cols: int = 3) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.content = nn.Linear(hidden, len(CLASS_NAMES) + 1)
+        self.position = nn.Linear(hidden, rows + cols)
+        self.present = nn.Linear(hidden, len(CLASS_NAMES))
+
+    def loss(self, hidden: Tensor, cells: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Sum of the three losses for tower states ``[n, 1 + P, C]`` and cell class ids ``[n, rows, cols]``."""
+        n = hidden.shape[0]
+        side = round((hidden.shape[1] - 1) ** 0.5)
+        r = torch.arange(side, device=hidden.device) * self.rows // side
+        c = torch.arange(side, device=hidden.device) * self.cols // side
+        target = (cells[:, r][:, :, c] + 1).reshape(n, -1)                               # [n, P]
+        patches = hidden[:, 1:]
+        logits = self.content(patches)
+        content = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        pos = self.position(patches)
+        rows_t = r[:, None].expand(side, side).reshape(-1).repeat(n)
+        cols_t = c[None, :].expand(side, side).reshape(-1).repeat(n)
+        where = (F.cross_entropy(pos[..., :self.rows].flatten(0, 1), rows_t)
+                 + F.cross_entropy(pos[..., self.rows:].flatten(0, 1), cols_t))
+        present_t = (cells.flatten(1)[:, :, None] == torch.arange(len(CLASS_NAMES), device=cells.device)).any(1)
+        present = F.binary_cross_entropy_with_logits(self.present(hidden[:, 0]), present_t.float())
+        cell_logits = logits.reshape(n, self.rows, side // self.rows, self.cols, side // self.cols, -1).mean((2, 4))
+        cell = F.cross_entropy(cell_logits.flatten(0, 2), (cells + 1).flatten())
+        acc = (logits.argmax(-1) == target).float().mean().item()
+        return content + cell + where + present, {"content": content.item(), "cell": cell.item(),
+                                                  "where": where.item(), "present": present.item(),
+                                                  "patch_acc": acc}
+
+    @torch.no_grad()
+    def cell_accuracy(self, hidden: Tensor, cells: Tensor) -> float:
+        """Accuracy of the cell contents read from the patch logits averaged over each cell's patches."""
+        n, side = hidden.shape[0], round((hidden.shape[1] - 1) ** 0.5)
+        logits = self.content(hidden[:, 1:]).reshape(n, self.rows, side // self.rows, self.cols,
+                                                      side // self.cols, -1).mean((2, 4))
+        return (logits.argmax(-1) == cells + 1).float().mean().item()
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Conversations:
+    """Token ids for training sequences: one collage and several question/answer turns (llava-1.5 format)."""
+
+    def __init__(self) -> None:
+        self.tok = build_tokenizer()
+        self._cache: dict[str, list[int]] = {}
+        self.head = [BOS_ID, *self.ids("USER:"), *[IMAGE_ID] * NUM_IMAGE_TOKENS]
+        self.assistant = self.ids("ASSISTANT:")
+        self.user = self.ids("USER:")
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = _encode(self.tok, text)
+        return self._cache[text]
+
+    def sequence(self, turns: list[Example]) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, labels, turn)``: the collage prefix then each turn's ``question ASSISTANT: answer </s>``;
+        labels are the answer words and ``</s>``, -100 elsewhere; ``turn`` is 0 on the prefix, ``j + 1`` on turn
+        ``j``. Under :meth:`batch`'s mask and positions every turn sees only the prefix and itself, at the
+        positions a single-turn prompt has: one pass trains ``len(turns)`` independent single-turn examples."""
+        ids = list(self.head)
+        labels = [-100] * len(ids)
+        turn = [0] * len(ids)
+        for j, ex in enumerate(turns):
+            prompt = self.ids(ex.question) + self.assistant
+            answer = [*self.ids(ex.answer), EOS_ID]
+            ids += prompt + answer
+            labels += [-100] * len(prompt) + answer
+            turn += [j + 1] * (len(prompt) + len(answer))
+        return ids, labels, turn
+
+    def batch(self, seqs: list[tuple[list[int], list[int], list[int]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Right-padded ``(input_ids, labels, attention_mask [n, 1, L, L] bool, position_ids)``: causal, no padding
+        keys, and a turn attends to the prefix and to its own tokens only (positions restart after the prefix)."""
+        length = max(len(s[0]) for s in seqs)
+        n = len(seqs)
+        ids = torch.full((n, length), PAD_ID, dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        turn = torch.full((n, length), -1, dtype=torch.long)
+        for b, (s, lab, t) in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+            labels[b, :len(s)] = torch.tensor(lab)
+            turn[b, :len(s)] = torch.tensor(t)
+        head = len(self.head)
+        idx = torch.arange(length)
+        causal = idx[:, None] >= idx[None, :]
+        key_ok = (turn[:, None, :] == 0) | (turn[:, None, :] == turn[:, :, None])
+        mask = (causal[None] & key_ok & (turn[:, None, :] >= 0)) | torch.eye(length, dtype=torch.bool)[None]
+        first = torch.zeros_like(turn)
+        starts = (turn != torch.nn.functional.pad(turn, (1, 0), value=-2)[:, :-1]) & (turn > 0)
+        first[starts] = idx.expand(n, length)[starts]
+        first = torch.cummax(first, dim=1).values
+        positions = torch.where(turn > 0, head + idx[None] - first, idx[None].expand(n, length))
+        return ids, labels, mask[:, None], positions
+
+
+def lm_logits(model: nn.Module, features: Tensor, input_ids: Tensor, attention_mask: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+    """The LLaVA forward from cached tower features ``[n, 144, C]`` (last layer, CLS dropped): what
+    ``LlavaForConditionalGeneration.forward`` computes for the same pixels (tested). ``attention_mask`` may be 2-D
+    (padding) or a prepared 4-D bool mask (with ``position_ids``, see :meth:`Conversations.batch`)."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(input_ids)
+    image = inner.multi_modal_projector(features).to(embeds.dtype)
+    embeds = embeds.masked_scatter((input_ids == IMAGE_ID)[..., None], image)
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state
+    return model.lm_head(hidden)
+
+
+@torch.no_grad()
+def tower_features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> Tensor:
+    """Last-layer patch states of the vision tower ``[n, 144, C]`` for ``uint8 [n, 84, 84, 3]`` collages."""
+    tower = model.model.vision_tower
+    dev = next(tower.parameters()).device
+    out = [tower(pixel_values=pixel_values(images[i:i + batch_size]).to(dev)).last_hidden_state[:, 1:]
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model: nn.Module, features: Tensor, examples: list[Example], conv: Conversations,
+                            batch_size: int = 100) -> dict[str, float]:
+    """Exact-match accuracy of greedy decoding, computed with one teacher-forced pass (greedy output equals the
+    answer iff every answer token and ``</s>`` is the argmax given the correct prefix). ``features[i]`` belongs
+    to ``examples[i]``."""
+    hits = []
+    for i in range(0, len(examples), batch_size):
+        exs = examples[i:i + batch_size]
+        ids, labels, mask, pos = conv.batch([conv.sequence([e]) for e in exs])
+        dev = features.device
+        logits = lm_logits(model, features[i:i + batch_size], ids.to(dev), mask.to(dev), pos.to(dev))
+        pred, target = logits[:, :-1].argmax(-1).cpu(), labels[:, 1:]
+        hits += ((pred == target) | (target == -100)).all(1).tolist()
+    preds = [e.answer if h else "" for e, h in zip(examples, hits, strict=True)]
+    return accuracy_by_type(preds, examples)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, processor, examples: list[Example], batch_size: int = 50,
+                     max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers through the public path: ``processor`` (chat prompt + image) and ``model.generate``."""
+    answers: list[str] = []
+    dev = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        exs = examples[i:i + batch_size]
+        prompts = [processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": e.question}]}], add_generation_prompt=True) for e in exs]
+        inputs = processor(images=[e.image for e in exs], text=prompts, return_tensors="pt", padding=True).to(dev)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns: int = 8, tower_steps: int = 2000,
+                tower_batch: int = 48, tower_lr: float = 3e-3, lm_steps: int = 2500, lm_batch: int = 24,
+                lm_lr: float = 2e-3, root: str | Path | None = None, resume: bool = True,
+                device: str | torch.device | None = None, config=None, checkpoint_every: int = 200,
+                eval_every: int = 250, eval_limit: int = 400, stop_after: int | None = None, progress: bool = True,
+                log=print) -> dict[str, Any]:
+    """Train the micro LLaVA (two stages, module docstring) and save it with its processor to ``out_dir``.
+
+    ``images``: training collages (``turns`` questions each, from Fashion-MNIST's training images only).
+    ``stop_after``: stop after this many steps in all (both stages count), checkpointed, to split a run into parts.
+    Returns the metrics (also written to ``<out_dir>/metrics.json``); ``"test"`` holds the greedy accuracy per
+    question type on the shipped test set once the run is finished.
+    """
+    from transformers import LlavaForConditionalGeneration, get_cosine_schedule_with_warmup
+
+    if min(images, turns, tower_batch, lm_batch) < 1 or min(tower_steps, lm_steps) < 0:
+        raise ValueError("images, turns, tower_batch and lm_batch must be >= 1 and the step counts >= 0")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = config if config is not None else micro_llava_config()
+    run = json.loads(json.dumps({"seed": seed, "images": images, "turns": turns, "tower_steps": tower_steps,
+                                 "tower_batch": tower_batch, "tower_lr": tower_lr, "lm_steps": lm_steps,
+                                 "lm_batch": lm_batch, "lm_lr": lm_lr, "model": cfg.to_diff_dict()}))
+
+    t_data = time.perf_counter()
+    train = make_split("train", images, turns, seed, root=root)
+    groups = [train[i:i + turns] for i in range(0, len(train), turns)]
+    train_images = np.stack([g[0].image for g in groups])
+    train_cells = torch.as_tensor(np.stack([g[0].cells for g in groups]))
+    test = load_default_test_set()
+    say(f"data: {len(groups)} training collages x {turns} questions in {time.perf_counter() - t_data:.1f}s")
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).to(dev)
+    heads = TowerHeads(cfg.vision_config.hidden_size).to(dev)
+    conv = Conversations()
+
+    def optimizer_for(stage: str):
+        if stage == "tower":
+            params = [*model.model.vision_tower.parameters(), *heads.parameters()]
+            lr, total = tower_lr, tower_steps
+        else:
+            params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+            lr, total = lm_lr, lm_steps
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        return opt, get_cosine_schedule_with_warmup(opt, max(1, round(0.05 * total)), max(1, total))
+
+    stage, step, history, seconds = "tower", 0, [], 0.0
+    opt, sched = optimizer_for("tower")
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if _comparable(ckpt.get("run", {})) != _comparable(run):
+            diff = sorted(k for k in _RUN_KEYS if _comparable(ckpt.get("run", {})).get(k) != _comparable(run).get(k))
+            raise ValueError(f"{ckpt_path} was written by a run with other arguments ({', '.join(diff)}); "
+                             "use another out_dir or resume=False")
+        model.load_state_dict(ckpt["model"])
+        heads.load_state_dict(ckpt["heads"])
+        stage, step, history, seconds = ckpt["stage"], ckpt["step"], ckpt["history"], ckpt["seconds"]
+        opt, sched = optimizer_for(stage)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        say(f"resumed from {ckpt_path}: stage {stage}, step {step}")
+    elif resume and (out / TOWER).is_file():
+        snap = torch.load(out / TOWER, map_location="cpu", weights_only=False)
+        if _comparable(snap["run"]) != _comparable({k: run[k] for k in _TOWER_KEYS}):
+            raise ValueError(f"{out / TOWER} was written by a run with other stage-1 arguments; use another out_dir "
+                             "or resume=False")
+        model.load_state_dict(snap["model"])
+        heads.load_state_dict(snap["heads"])
+        stage, step, history, seconds = "lm", 0, snap["history"], snap["seconds"]
+        opt, sched = optimizer_for("lm")
+        say(f"stage 1 restored from {out / TOWER}")
+
+    t0 = time.perf_counter()
+
+    def checkpoint() -> None:
+        _save_atomic({"format": _CKPT_FORMAT, "run": run, "stage": stage, "step": step, "history": history,
+                      "seconds": seconds + time.perf_counter() - t0, "model": model.state_dict(),
+                      "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": _rng_state()}, ckpt_path)
+
+    done_before = step + (tower_steps if stage == "lm" else 0)
+    budget = tower_steps + lm_steps if stop_after is None else min(tower_steps + lm_steps, stop_after)
+    features = test_features = None
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=tower_steps + lm_steps, completed=done_before, info="") \
+            if bar is not None else None
+        while done_before + 0 < budget:
+            if stage == "tower" and step >= tower_steps:
+                _save_atomic({"run": {k: run[k] for k in _TOWER_KEYS}, "model": model.state_dict(),
+                              "heads": heads.state_dict(), "history": history,
+                              "seconds": seconds + time.perf_counter() - t0}, out / TOWER)
+                stage, step = "lm", 0
+                opt, sched = optimizer_for("lm")
+                continue
+            if stage == "lm" and step >= lm_steps:
+                break
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _STAGES.index(stage), step]))
+            if stage == "tower":
+                model.model.vision_tower.train()
+                idx = np.sort(rng.choice(len(groups), tower_batch, replace=False))
+                hidden = model.model.vision_tower(
+                    pixel_values=pixel_values(train_images[idx]).to(dev)).last_hidden_state
+                loss, info = heads.loss(hidden, train_cells[idx].to(dev))
+            else:
+                if features is None:
+                    model.model.vision_tower.eval().requires_grad_(False)
+                    features = tower_features(model, train_images)
+                    test_features = tower_features(model, np.stack([e.image for e in test[:eval_limit]]))
+                idx = rng.choice(len(groups), lm_batch, replace=False)
+                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)]) for i in idx]
+                ids, labels, mask, pos = conv.batch(seqs)
+                logits = lm_logits(model, features[torch.as_tensor(idx)], ids.to(dev), mask.to(dev), pos.to(dev))
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].to(dev).flatten(),
+                                       ignore_index=-100)
+                info = {}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            done_before += 1
+            if bar is not None:
+                bar.update(task, completed=done_before, info=f"{stage} loss {loss.item():.3f}")
+            last = step == (tower_steps if stage == "tower" else lm_steps)
+            if stage == "lm" and (step % eval_every == 0 or last):
+                model.eval()
+                acc = teacher_forced_accuracy(model, test_features, test[:eval_limit], conv)
+                model.train()
+                entry = {"stage": stage, "step": step, "loss": round(loss.item(), 4),
+                         "test_subset": {k: round(v, 4) for k, v in acc.items()}}
+                history.append(entry)
+                say(f"lm step {step}/{lm_steps}: loss {loss.item():.3f}, test[:{eval_limit}] "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            elif stage == "tower" and (step % 200 == 0 or last):
+                model.model.vision_tower.eval()
+                with torch.no_grad():
+                    test_px = pixel_values(np.stack([e.image for e in test[:eval_limit:2]])).to(dev)
+                    info["test_cell_acc"] = heads.cell_accuracy(
+                        model.model.vision_tower(pixel_values=test_px).last_hidden_state,
+                        torch.as_tensor(np.stack([e.cells for e in test[:eval_limit:2]])).to(dev))
+                model.model.vision_tower.train()
+                history.append({"stage": stage, "step": step, **{k: round(v, 4) for k, v in info.items()}})
+                say(f"tower step {step}/{tower_steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in info.items()))
+            if step % checkpoint_every == 0 or last or done_before >= budget:
+                checkpoint()
+
+    finished = stage == "lm" and step >= lm_steps
+    metrics: dict[str, Any] = {"finished": finished, "stage": stage, "step": step, "history": history,
+                               "device": str(dev), "torch_threads": torch.get_num_threads(),
+                               "seconds": round(seconds + time.perf_counter() - t0, 1), "run": run,
+                               "train_collages": len(groups)}
+    if finished:
+        model.eval()
+        processor = build_processor()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        answers = generate_answers(model, processor, test)
+        metrics["test"] = accuracy_by_type(answers, test)
+        metrics["test_questions"] = len(test)
+        say("test accuracy (greedy generate, shipped test set): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items()))
+    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train the micro LLaVA on Fashion collage VQA.")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--tower-steps", type=int, default=2000)
+    p.add_argument("--lm-steps", type=int, default=2500)
+    p.add_argument("--root", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None)
+    a = p.parse_args(argv)
+    m = train_llava(a.out_dir, seed=a.seed, images=a.images, turns=a.turns, tower_steps=a.tower_steps,
+                    lm_steps=a.lm_steps, root=a.root, device=a.device, resume=not a.no_resume,
+                    stop_after=a.stop_after)
+    print(json.dumps({k: m[k] for k in ("finished", "stage", "step", "test", "seconds") if k in m}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Helpers shared by the ``llm``-stage methods' schedules: ``keep`` per sample and decoder-layer knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+from ..core import resolve_keep
+
+
+def resolve_llm_keep(keep: int | float, n: Tensor, images: Tensor) -> Tensor:
+    """Visual tokens kept per sample inside the language model, ``[B]`` long.
+
+    ``n [B]``: visual tokens of each sample entering the stage (0 for a sample without images), ``images [B]`` its
+    images. An ``int`` keep counts tokens per image (``keep * images``), a ``float`` in ``(0, 1]`` is a ratio of
+    ``n`` (rounded half-up, at least 1); never more than ``n``.
+    """
+    if isinstance(keep, float) or (isinstance(keep, Tensor) and keep.is_floating_point()):
+        out = resolve_keep(keep, n)
+    else:
+        resolve_keep(keep, 1)  # validates an int keep, naming it
+        out = torch.as_tensor(int(keep), dtype=torch.long) * images.long()
+    return out.to(n.device).minimum(n).clamp(min=0)
+
+
+def check_layer(name: str, value: object, depth: int, method: str) -> int:
+    """A decoder-layer knob as an int in ``[1, depth)`` (the layer before supplies the signals)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{method}: {name} must be an int decoder layer index, got {value!r}")
+    if not 1 <= value < depth:
+        raise ValueError(f"{method}: {name}={value} is out of range for a language model with {depth} decoder layers "
+                         f"(it prunes before that decoder layer, using the one before it: 1 <= {name} < {depth})")
+    return value
+
+
+def scale_layers(name: str, layers: Sequence[int], depth: int, ref_depth: int, method: str) -> list[int]:
+    """Layer indices given for a ``ref_depth``-layer model, scaled to ``depth`` (``round(l * depth / ref_depth)``),
+    validated ascending and distinct in ``[1, depth)``."""
+    if isinstance(ref_depth, bool) or not isinstance(ref_depth, int) or ref_depth < 1:
+        raise ValueError(f"{method}: ref_depth must be an int >= 1 (the depth the layers are given for), "
+                         f"got {ref_depth!r}")
+    if isinstance(layers, (int, str)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers) \
+            or not len(layers):
+        raise TypeError(f"{method}: {name} must be a non-empty sequence of int decoder layer indices, got {layers!r}")
+    out = [round(v * depth / ref_depth) if ref_depth != depth else int(v) for v in layers]
+    for v, raw in zip(out, layers, strict=True):
+        if not 1 <= v < depth:
+            raise ValueError(f"{method}: {name} entry {raw} (layer {v} at depth {depth}) is out of range: each must "
+                             f"be in [1, {depth}) after scaling from ref_depth={ref_depth}")
+    if any(b <= a for a, b in pairwise(out)):
+        raise ValueError(f"{method}: {name}={list(layers)} gives layers {out} at depth {depth}; they must be strictly "
+                         "ascending (use fewer stages or a deeper model)")
+    return out
+
+
+def scale_layer(name: str, layer: int, depth: int, ref_depth: int, method: str, *, lo: int, hi: int) -> int:
+    """One decoder-layer index given for a ``ref_depth``-layer model, scaled to ``depth`` (``round(l * depth /
+    ref_depth)``, as :func:`scale_layers`) and validated in ``[lo, hi]`` (errors name ``name``)."""
+    if isinstance(ref_depth, bool) or not isinstance(ref_depth, int) or ref_depth < 1:
+        raise ValueError(f"{method}: ref_depth must be an int >= 1 (the depth the layers are given for), "
+                         f"got {ref_depth!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{method}: {name} must be an int decoder layer index, got {layer!r}")
+    out = round(layer * depth / ref_depth) if ref_depth != depth else layer
+    if not lo <= out <= hi:
+        raise ValueError(f"{method}: {name}={layer} gives layer {out} at depth {depth} (from ref_depth={ref_depth}); "
+                         f"it must be in [{lo}, {hi}] for a language model with {depth} decoder layers")
+    return out
+
+
+def linear_counts(n: Tensor, start: int, end: int, layers: Sequence[int], floor: Tensor) -> list[Tensor]:
+    """Per layer ``K`` of ``layers``, ``max(floor(n * r_K), floor_count)`` visual tokens, ``[B]`` long, at most ``n``:
+    ``r_K = clamp((end - K) / (end - start), 0, 1)`` falls linearly from 1 (layers ``<= start``) to 0 (``>= end``);
+    the product is floored in integer arithmetic."""
+    out = []
+    for k in layers:
+        part = torch.div(n * min(max(end - k, 0), end - start), end - start, rounding_mode="floor")
+        out.append(part.maximum(floor.to(n.device)).minimum(n))
+    return out

@@ -1,0 +1,515 @@
+"""Pruning inside the language model (``llm``-stage methods) with the model's own attention kernel.
+
+A Hugging Face decoder builds ONE attention mask and ONE rotary table ``(cos, sin)`` for the whole prompt and hands
+them, with the hidden states, to every decoder layer. :class:`DecoderPruner` wraps the ``forward`` of each decoder
+layer of one model instance (an instance attribute, deleted again by :meth:`DecoderPruner.detach`) and keeps, per
+prefill, the **layout** of the sequence each layer runs on: the prompt column (after the pre-LLM splice) of every
+slot, ``-1`` on padding it added.
+
+* **Pruning.** Before a scheduled layer ``K`` the step's method runs on the hidden states of the visual tokens (the
+  image placeholder columns still present), with signals from layer ``K - 1``: its q/k projections are read by
+  forward hooks (the layer itself runs SDPA / eager / whatever it runs), RoPE is applied with the ``(cos, sin)`` that
+  layer received, and only the query rows a method needs are scored (the last prompt token, the instruction tokens
+  after the last visual token; every row only for ``llm_attn_rank``, in blocks), GQA-aware, in float32, causal and
+  padding-masked like the model. The kept slots are
+  compacted right-aligned (left padding where samples keep different counts, see :func:`~.sequence.compact`); a
+  merging method's outputs replace the hidden state at their representative's slot.
+* **Every later layer** gets the hidden states, ``position_embeddings``, ``position_ids`` and a causal + padding
+  attention mask of its layout (the model's full-length ones gathered / rebuilt once per layout; kept tokens keep
+  their original positions, 1-D or M-RoPE, as the rotary rows are gathered). Its KV cache therefore holds only the
+  kept tokens; layers before ``K`` hold every token.
+* **Decode.** The model still sizes its mask for layer 0's cache (every prompt token). Each pruned layer gets that
+  mask's columns of its own cache slots (padding slots masked) followed by the generated tokens' columns; without a
+  mask (SDPA, no padding) one is built only where the layer's layout has padding.
+
+Only full-attention decoders with the ``sdpa`` or ``eager`` implementation are supported (other kernels take other
+mask formats); layers are called with the hidden states as their only positional argument, as transformers does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Reduction, check_mask, check_signal, gather_rows
+from ..ops.attention import attention_pagerank
+from .pipeline import Step
+from .sequence import compact
+
+#: signals the decoder machinery computes. In this stage ``text [B, T, D]`` are the input embeddings of the
+#: instruction tokens (the rows of the ``llm_text_*`` signals, marked by ``text_mask``) and ``positions [B, N]`` the
+#: index of each visual token among its sample's real tokens in the sequence the layer runs on.
+LLM_SIGNALS = frozenset({"llm_attn", "llm_text_attn", "llm_keys", "llm_hidden", "llm_text_keys", "llm_text_hidden",
+                         "llm_embeds", "llm_attn_rank", "text", "text_mask", "positions"})
+_NEEDS_QK = frozenset({"llm_attn", "llm_text_attn", "llm_keys", "llm_text_keys", "llm_attn_rank"})
+_TEXT = frozenset({"llm_text_attn", "llm_text_keys", "llm_text_hidden", "text", "text_mask"})
+_EMBEDS = frozenset({"llm_embeds", "text"})
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def call_with_knobs(fn: Callable[..., Any], *args: Any, knobs: dict[str, Any]) -> Any:
+    """``fn(*args, **knobs)`` with only the knobs ``fn`` names."""
+    params = inspect.signature(fn).parameters
+    return fn(*args, **{k: v for k, v in knobs.items() if k in params})
+
+
+def take_seq(x: Tensor, cols: Tensor, seq_dim: int) -> Tensor:
+    """Gather ``x``'s sequence axis ``seq_dim`` (batch axis just before it, size ``B`` or 1) at ``cols [B, L']``
+    (``-1`` reads column 0; callers mask those)."""
+    seq_dim %= x.dim()
+    bd = seq_dim - 1
+    b, n = cols.shape
+    shape = list(x.shape)
+    shape[bd] = b
+    x = x.expand(shape)
+    view = [1] * bd + [b, n] + [1] * (x.dim() - seq_dim - 1)
+    idx = cols.clamp(min=0).reshape(view).expand(*x.shape[:bd], b, n, *x.shape[seq_dim + 1:])
+    return x.gather(seq_dim, idx)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x [B, L, H, d]`` with ``cos``/``sin [B, L, d]`` (the ``rotate_half`` convention of
+    Llama, Qwen2 and Qwen2-VL's text model, whose M-RoPE sections are already folded into ``cos``/``sin``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
+
+
+def row_attention(q: Tensor, k: Tensor, rows: Tensor, key_valid: Tensor, scale: float) -> Tensor:
+    """Head-mean causal attention probabilities of a few query rows, float32.
+
+    Args:
+        q: ``[B, R, H, d]`` queries of the rows (RoPE applied); k: ``[B, L, H_kv, d]`` keys of the sequence.
+        rows: ``[B, R]`` long, sequence slot of each query row (it sees keys at slots ``<= rows``).
+        key_valid: ``[B, L]`` bool, real (non-padding) keys.
+        scale: logit scale.
+
+    Returns ``[B, R, L]``: ``softmax(q k^T * scale)`` over the allowed keys, averaged over the ``H`` heads (key head
+    ``h // (H / H_kv)`` serves query head ``h``, as ``repeat_kv``).
+    """
+    h, hkv = q.shape[2], k.shape[2]
+    kf = k.float().repeat_interleave(h // hkv, dim=2) if h != hkv else k.float()
+    logits = torch.einsum("brhd,blhd->bhrl", q.float(), kf) * scale
+    slots = torch.arange(k.shape[1], device=k.device)
+    allowed = key_valid[:, None, :] & (slots[None, None, :] <= rows[:, :, None])
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(1)
+
+
+def order_first(flag: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots where ``flag [B, L]`` is True, first and in order: ``(slots [B, M], valid [B, M])``, ``M`` the largest
+    count (at least 1)."""
+    counts = flag.sum(1)
+    m = max(int(counts.max()), 1)
+    order = torch.sort((~flag).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    return order, torch.arange(m, device=flag.device)[None, :] < counts[:, None]
+
+
+@dataclass
+class Layout:
+    """The sequence one or more decoder layers run on: ``cols [B, L']`` prompt column (after the pre-LLM splice) of
+    each slot, ``-1`` on added padding; ``valid [B, L']`` real tokens."""
+
+    cols: Tensor
+    valid: Tensor
+    _taken: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _mask: dict[str, Any] = field(default_factory=dict)
+
+    def take(self, name: str, x: Tensor, seq_dim: int) -> Tensor:
+        """``x`` gathered at this layout's columns, computed once per source tensor (every layer gets the same)."""
+        key = (name, seq_dim)
+        got = self._taken.get(key)
+        if got is not None and got[0] is x:
+            return got[1]
+        out = take_seq(x, self.cols, seq_dim)
+        self._taken[key] = (x, out)
+        return out
+
+    def prefill_mask(self, like: Any, impl: str, dtype: torch.dtype) -> Tensor | None:
+        """Causal + padding mask ``[B, 1, L', L']`` of this layout in the format of the model's own ``like`` (bool
+        for SDPA, additive float for eager); ``None`` when SDPA needs none. Added padding rows see themselves."""
+        fmt = "bool" if (like.dtype == torch.bool if isinstance(like, Tensor) else impl == "sdpa") else "float"
+        if fmt not in self._mask:
+            valid = self.valid
+            if impl == "sdpa" and like is None and bool(valid.all()):
+                self._mask[fmt] = None
+            else:
+                n = valid.shape[1]
+                eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+                allowed = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
+                allowed = (allowed | (eye[None] & ~valid[:, :, None]))[:, None]
+                self._mask[fmt] = allowed if fmt == "bool" else _additive(allowed, dtype)
+        return self._mask[fmt]
+
+    def decode_mask(self, like: Any, impl: str, dtype: torch.dtype, q: int, length0: int, cached: int) -> Any:
+        """The mask of a decode step for a layer of this layout: ``like`` (the model's, sized for layer 0's cache of
+        ``length0`` prompt slots) at this layout's slots, then the generated tokens' columns. ``cached``: this layer's
+        cache length before the step."""
+        b, n = self.cols.shape
+        new = cached - n + q  # generated so far + this step
+        if like is None:
+            if bool(self.valid.all()):
+                return None
+            prefix = self.valid[:, None, None, :].expand(b, 1, q, n)
+            j, r = torch.arange(new, device=self.cols.device), torch.arange(q, device=self.cols.device)
+            tail = (j[None, :] <= new - q + r[:, None])[None, None].expand(b, 1, q, new)
+            allowed = torch.cat([prefix, tail], dim=-1)
+            return allowed if impl == "sdpa" else _additive(allowed, dtype)
+        if not isinstance(like, Tensor) or like.dim() != 4 or like.shape[-1] != length0 + new:
+            shape = getattr(like, "shape", like)
+            raise RuntimeError(f"vtoken: unexpected decode attention mask {shape} for a cache of {length0} prompt + "
+                               f"{new} new columns")
+        like = like.expand(b, *like.shape[1:])
+        idx = self.cols.clamp(min=0)[:, None, None, :].expand(b, like.shape[1], q, n)
+        prefix = like[..., :length0].gather(3, idx)
+        pad = (self.cols < 0)[:, None, None, :]
+        if like.dtype == torch.bool:
+            prefix = prefix & ~pad
+        else:
+            prefix = prefix.masked_fill(pad, torch.finfo(like.dtype).min)
+        return torch.cat([prefix, like[..., length0:]], dim=-1)
+
+
+def source(info: Any) -> str:
+    """Which decoder layer's q/k score a method's attention signals: ``"previous"`` (layer ``K - 1``'s attention, as
+    it ran; default) or ``"current"`` (layer ``K``'s own projections of its input), from its ``signal_spec``
+    (``{"llm_attn": {"layer": "current"}}``)."""
+    for name in ("llm_attn", "llm_text_attn", "llm_keys", "llm_text_keys", "llm_attn_rank"):
+        spec = info.signal_spec.get(name)
+        if spec:
+            return str(spec.get("layer", "previous"))
+    return "previous"
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class Planned:
+    """One pruning of a step: before decoder ``layer``, the ``stage``-th of the step's schedule."""
+
+    layer: int
+    step: Step
+    stage: int
+    knobs: dict[str, Any]
+
+
+class DecoderPruner:
+    """Runs the ``llm``-stage steps inside one language model (see the module docstring).
+
+    ``lm`` is the decoder (``.layers``, ``.norm``, ``.config``), each layer with ``self_attn.{q_proj, k_proj}`` and
+    ``self_attn.head_dim`` / ``scaling``.
+    """
+
+    def __init__(self, lm: nn.Module, steps: list[Step]) -> None:
+        self.lm = lm
+        self.layers = list(lm.layers)
+        depth = len(self.layers)
+        cfg = lm.config
+        self.impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        if self.impl not in SUPPORTED_ATTENTION:
+            raise ValueError(f"llm-stage methods support attn_implementation in {SUPPORTED_ATTENTION}; this language "
+                             f"model uses {self.impl!r} (load it with attn_implementation='sdpa')")
+        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if types != {"full_attention"}:
+            raise ValueError(f"llm-stage methods need full attention in every decoder layer; this language model has "
+                             f"layer_types {sorted(types)}")
+        self.plan: list[Planned] = []
+        for step in steps:
+            knobs = {**step.info.defaults, **step.kwargs}
+            layers = call_with_knobs(step.info.schedule.layers, depth, knobs=knobs)
+            self.plan += [Planned(layer, step, s, knobs) for s, layer in enumerate(layers)]
+        self.plan.sort(key=lambda p: p.layer)  # stable: steps in stage order at a shared layer
+        self.capture_layers = sorted({p.layer - 1 for p in self.plan if source(p.step.info) == "previous"})
+        self.keep_embeds = any(_EMBEDS & {*p.step.info.signals, *p.step.info.optional_signals} for p in self.plan)
+        self.embeds: Tensor | None = None
+        self.mode = "off"
+        self._wrapped: list[tuple[nn.Module, Any]] = []
+        self._hooks: list[Any] = []
+        self.store: dict[int, dict[str, Any]] = {}
+        self.layouts: dict[int, Layout] = {}
+        self.cur: Layout | None = None
+        self.records: list[dict[str, Any]] = []
+        self.lengths: list[int] = []
+
+    # ---- patching ---------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        for layer in self.layers:
+            if "forward" in layer.__dict__:
+                raise ValueError("a decoder layer of this model already has a patched forward (another vtoken handle "
+                                 "or wrapper); remove it first")
+        for i, layer in enumerate(self.layers):
+            original = layer.forward
+
+            def forward(*args: Any, _i: int = i, _orig: Any = original, **kwargs: Any) -> Any:
+                return self.layer_forward(_i, _orig, args, kwargs)
+
+            layer.forward = forward
+            self._wrapped.append((layer, forward))
+        for i in self.capture_layers:
+            attn = self.layers[i].self_attn
+            for part, module in (("q", attn.q_proj), ("k", attn.k_proj)):
+                self._hooks.append(module.register_forward_hook(self._hook(i, part)))
+
+    def detach(self) -> None:
+        for layer, fwd in self._wrapped:
+            if layer.__dict__.get("forward") is fwd:
+                del layer.__dict__["forward"]
+        self._wrapped.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.reset()
+
+    def _hook(self, index: int, part: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            if self.mode == "prefill":
+                self.store.setdefault(index, {})[part] = output.detach()
+
+        return hook
+
+    # ---- per prefill ------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.mode = "off"
+        self.store.clear()
+        self.layouts = {}
+        self.cur = None
+        self.embeds = None
+
+    def arm(self, visual: Tensor, valid: Tensor, images: Tensor) -> None:
+        """Before a prefill: ``visual [B, L]`` the image placeholder columns (after the pre-LLM splice), ``valid
+        [B, L]`` real tokens, ``images [B]`` images per sample."""
+        self.reset()
+        self.visual, self.valid0, self.images = visual, valid, images
+        self.counts: dict[int, list[Tensor]] = {}
+        self.records, self.lengths = [], []
+        self.mode = "prefill"
+
+    def end_prefill(self) -> Tensor:
+        """After the prefill forward: switch to decode mode; returns the last layout's columns ``[B, L']``."""
+        self.store.clear()
+        self.embeds = None
+        self.mode = "decode" if self.layouts else "off"
+        cols = self.cur.cols if self.cur is not None else torch.where(
+            self.valid0, torch.arange(self.valid0.shape[1], device=self.valid0.device), -1)
+        return cols
+
+    # ---- the wrapped layer ------------------------------------------------------------------------------------
+    def layer_forward(self, i: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.mode == "off":
+            return original(*args, **kwargs)
+        if len(args) > 1:
+            raise RuntimeError("vtoken: decoder layers must receive everything but the hidden states as keywords")
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.mode == "decode":
+            lay = self.layouts.get(i)
+            if lay is not None:
+                past = kwargs.get("past_key_values")
+                cached = past.get_seq_length(i) if past is not None else lay.cols.shape[1]
+                kwargs["attention_mask"] = lay.decode_mask(kwargs.get("attention_mask"), self.impl, hidden.dtype,
+                                                           hidden.shape[1], self.visual.shape[1], cached)
+            return original(hidden, **kwargs)
+        if i == 0 and self.keep_embeds:
+            self.embeds = hidden
+        for p in self.plan:
+            if p.layer == i:
+                hidden = self.prune(p, hidden, kwargs)
+        lay = self.cur
+        if lay is not None:
+            kwargs = self.sliced(lay, kwargs, hidden.dtype)
+            self.layouts[i] = lay
+        if i in self.capture_layers:
+            self.store.setdefault(i, {})["rope"] = kwargs.get("position_embeddings")
+        self.lengths.append(int(hidden.shape[1]))
+        return original(hidden, **kwargs)
+
+    def sliced(self, lay: Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """The layer's keyword arguments for ``lay``: rotary rows, position ids and mask of its slots."""
+        kw = dict(kwargs)
+        length = self.visual.shape[1]
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(lay.take(f"pe{j}", t, -2) for j, t in enumerate(pe))
+        pos = kw.get("position_ids")
+        if isinstance(pos, Tensor) and pos.shape[-1] == length:
+            kw["position_ids"] = lay.take("position_ids", pos, -1)
+        kw["attention_mask"] = lay.prefill_mask(kw.get("attention_mask"), self.impl, dtype)
+        return kw
+
+    # ---- one pruning ------------------------------------------------------------------------------------------
+    def prune(self, p: Planned, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        b, length = hidden.shape[:2]
+        lay = self.cur
+        if lay is None:  # the prompt as the model built it: every column (its padding marked invalid)
+            lay = Layout(torch.arange(length, device=hidden.device).expand(b, length).clone(), self.valid0)
+        cols, valid = lay.cols, lay.valid
+        vis = self.visual.gather(1, cols.clamp(min=0)) & (cols >= 0) & valid
+        nv = vis.sum(1)
+        if id(p.step) not in self.counts:  # a step's schedule counts from the visual tokens its first pruning sees
+            sched = p.step.info.schedule
+            self.counts[id(p.step)] = [torch.as_tensor(c, dtype=torch.long, device=nv.device) for c in
+                                       call_with_knobs(sched.counts, nv, p.step.keep, self.images,
+                                                       knobs={**p.knobs, "depth": len(self.layers)})]
+        counts = self.counts[id(p.step)][p.stage].minimum(nv)
+        record = {"layer": p.layer, "method": p.step.info.name, "visual_in": nv.tolist()}
+        if bool((counts >= nv).all()):
+            self.records.append({**record, "visual_out": nv.tolist(), "length": length})
+            return hidden
+        order, vmask = order_first(vis)
+        tokens = gather_rows(hidden, order, vmask)
+        signals = self.signals(p, hidden, lay, vis, order, vmask, kwargs)
+        red = self.run(p, tokens, counts, vmask, signals)
+        rows = torch.arange(b, device=hidden.device)[:, None].expand_as(red.indices)
+        slots = order.gather(1, red.indices.clamp(min=0))
+        keep = valid & ~vis
+        keep[rows[red.mask], slots[red.mask]] = True
+        comp = compact(keep, valid.long())
+        new_hidden = comp.take(hidden)
+        if red.assign is not None or red.sizes is not None:  # merged tokens replace their representative's state
+            where = torch.full((b, length), -1, dtype=torch.long, device=hidden.device)
+            g = comp.gather
+            grow = torch.arange(b, device=g.device)[:, None].expand_as(g)
+            where[grow[g >= 0], g[g >= 0]] = torch.arange(g.shape[1], device=g.device).expand_as(g)[g >= 0]
+            dest = where.gather(1, slots.clamp(min=0))
+            new_hidden[rows[red.mask], dest[red.mask]] = red.tokens[red.mask].to(new_hidden.dtype)
+        g = comp.gather
+        self.cur = Layout(torch.where(g >= 0, cols.gather(1, g.clamp(min=0)), -1), comp.attention_mask.bool())
+        for rec in self.store.values():  # later steps at this layer read the captured tensors in the new layout
+            for key in ("q", "k"):
+                if isinstance(rec.get(key), Tensor) and rec[key].shape[1] == length:
+                    rec[key] = take_seq(rec[key], g, 1)
+            if rec.get("rope") is not None and rec["rope"][0].shape[-2] == length:
+                rec["rope"] = tuple(take_seq(t, g, -2) for t in rec["rope"])
+        self.records.append({**record, "visual_out": red.mask.sum(1).tolist(), "length": int(g.shape[1]),
+                             "reduction": red, "columns": self.cur.cols})
+        return new_hidden
+
+    def run(self, p: Planned, tokens: Tensor, counts: Tensor, vmask: Tensor, signals: dict[str, Any]) -> Reduction:
+        """The step's method on the samples that have visual tokens (the others keep nothing to prune)."""
+        info = p.step.info
+        params = inspect.signature(info.fn).parameters
+        knobs = {k: v for k, v in p.step.kwargs.items() if k in params}
+        has = vmask.any(1)
+        sub = None if bool(has.all()) else has.nonzero()[:, 0]
+
+        def rows(x: Any) -> Any:
+            return x[sub] if sub is not None and isinstance(x, Tensor) else x
+
+        x, m = rows(tokens), rows(vmask)
+        mask = check_mask(m, x) if not bool(m.all()) else None
+        sig = {k: check_signal(k, rows(v), x, info.name) if k in info.signals or k in info.optional_signals else
+               rows(v) for k, v in signals.items()}
+        red = info.fn(x, rows(counts), mask=mask, **sig, **knobs)
+        if sub is None:
+            return red
+        b = tokens.shape[0]
+        k = red.indices.shape[1]
+        idx = torch.full((b, k), -1, dtype=torch.long, device=tokens.device)
+        msk = torch.zeros(b, k, dtype=torch.bool, device=tokens.device)
+        out = tokens.new_zeros(b, k, tokens.shape[-1])
+        idx[sub], msk[sub], out[sub] = red.indices, red.mask, red.tokens.to(out.dtype)
+        assign = None
+        if red.assign is not None:
+            assign = torch.full(tokens.shape[:2], -1, dtype=torch.long, device=tokens.device)
+            assign[sub] = red.assign
+        return Reduction(out, idx, msk, assign, None, red.extras)
+
+    # ---- signals ----------------------------------------------------------------------------------------------
+    def qk(self, p: Planned, hidden: Tensor, lay: Layout, kwargs: dict[str, Any]) -> tuple[Tensor, Any, Any, nn.Module]:
+        """Query projections ``[B, L, E]`` (or a function of rows), keys ``[B, L, E_kv]``, ``(cos, sin)`` and the
+        attention module that scores the step: layer ``K - 1`` as captured while it ran ("previous"), or layer ``K``'s
+        own projections of its input ("current")."""
+        if source(p.step.info) == "previous":
+            rec = self.store.get(p.layer - 1, {})
+            if "q" not in rec or "k" not in rec or rec.get("rope") is None:
+                raise RuntimeError(f"vtoken: decoder layer {p.layer - 1} was not captured for {p.step.info.name!r}")
+            return rec["q"], rec["k"], rec["rope"], self.layers[p.layer - 1].self_attn
+        layer = self.layers[p.layer]
+        h = layer.input_layernorm(hidden)
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise RuntimeError("vtoken: decoder layers receive no position_embeddings; llm-stage methods need them")
+        if self.cur is not None:
+            pe = tuple(lay.take(f"pe{j}", t, -2) for j, t in enumerate(pe))
+        attn = layer.self_attn
+
+        def q_rows(rows: Tensor) -> Tensor:
+            return attn.q_proj(gather_rows(h, rows))
+
+        return q_rows, attn.k_proj(h), pe, attn
+
+    def signals(self, p: Planned, hidden: Tensor, lay: Layout, vis: Tensor, order: Tensor,
+                vmask: Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+        info = p.step.info
+        names = set(info.signals) | set(info.optional_signals)
+        out: dict[str, Any] = {}
+        b, length = hidden.shape[:2]
+        valid = lay.valid
+        slots = torch.arange(length, device=hidden.device)
+        # instruction rows: real, non-visual tokens after the sample's last visual token (else its last token)
+        last_vis = torch.where(vis, slots, -1).amax(1)
+        text = valid & ~vis & (slots[None, :] > last_vis[:, None])
+        text[:, -1] |= ~text.any(1)
+        tslot, tmask = order_first(text)
+        if names & _NEEDS_QK:
+            q_src, k_raw, rope, attn = self.qk(p, hidden, lay, kwargs)
+            hd = int(attn.head_dim)
+            cos, sin = (t.float().expand(b, *t.shape[1:]) for t in rope)
+            k = k_raw.reshape(b, length, -1, hd)
+            if hasattr(attn, "k_norm"):
+                k = attn.k_norm(k)
+            k = rotate(k.float(), cos, sin)
+
+            def queries(rows: Tensor) -> Tensor:
+                q = q_src(rows) if callable(q_src) else gather_rows(q_src, rows)
+                q = q.reshape(b, rows.shape[1], -1, hd)
+                if hasattr(attn, "q_norm"):
+                    q = attn.q_norm(q)
+                return rotate(q.float(), gather_rows(cos, rows), gather_rows(sin, rows))
+
+            scale = float(getattr(attn, "scaling", hd ** -0.5))
+            if "llm_attn" in names:
+                last = torch.full((b, 1), length - 1, dtype=torch.long, device=hidden.device)
+                att = row_attention(queries(last), k, last, valid, scale)[:, 0]
+                out["llm_attn"] = gather_rows(att[..., None], order, vmask)[..., 0]
+            if "llm_text_attn" in names:
+                rows = torch.where(tmask, tslot, length - 1)
+                att = row_attention(queries(rows), k, rows, valid, scale)  # [B, T, L]
+                att = gather_rows(att.transpose(1, 2), order, vmask).transpose(1, 2)
+                out["llm_text_attn"] = att * tmask[..., None].float()
+            if "llm_attn_rank" in names:  # every row is a query here: chunked, O(budget) memory
+                spec = info.signal_spec.get("llm_attn_rank", {})
+                every = torch.arange(length, device=hidden.device).expand(b, length)
+                rank = attention_pagerank(queries(every) * scale, k, valid,
+                                          temperature=float(spec.get("temperature", 1.0)),
+                                          iters=int(spec.get("iters", 5)), damping=float(spec.get("damping", 0.0)))
+                out["llm_attn_rank"] = gather_rows(rank[..., None], order, vmask)[..., 0]
+            flat = k.reshape(b, length, -1)
+            if "llm_keys" in names:
+                out["llm_keys"] = gather_rows(flat, order, vmask)
+            if "llm_text_keys" in names:
+                out["llm_text_keys"] = gather_rows(flat, tslot, tmask)
+        if names & {"llm_hidden", "llm_text_hidden"}:
+            normed = self.lm.norm(hidden)
+            if "llm_hidden" in names:
+                out["llm_hidden"] = gather_rows(normed, order, vmask)
+            if "llm_text_hidden" in names:
+                out["llm_text_hidden"] = gather_rows(normed, tslot, tmask)
+        if names & _EMBEDS:
+            assert self.embeds is not None
+            embeds = take_seq(self.embeds, lay.cols, 1)
+            if "llm_embeds" in names:
+                out["llm_embeds"] = gather_rows(embeds, order, vmask)
+            if "text" in names:
+                out["text"] = gather_rows(embeds, tslot, tmask)
+        if "positions" in names:
+            index = valid.long().cumsum(1) - 1
+            out["positions"] = gather_rows(index[..., None], order, vmask)[..., 0]
+        if names & _TEXT:
+            out["text_mask"] = tmask
+        return out
