@@ -24,7 +24,7 @@ from vtoken.models import families_supporting
 LAYERS = 4  # decoder layers of the tiny language models here
 LLM = [m.name for m in vtoken.methods() if m.stage == "llm"]
 #: knobs that fit a 4-layer language model (paper defaults are for 32 layers)
-KNOBS: dict[str, dict[str, Any]] = {"sparsevlm": {"layers": (0, 1, 2)},
+KNOBS: dict[str, dict[str, Any]] = {"sparsevlm": {"layers": (0, 1, 2), "ref_depth": 4},
                                     # decide at layer 2 of 4; threshold 0: the all-or-nothing rule never fires, so
                                     # the checks exercise the relevance top-k (test_llm_todre_aim.py covers the rule)
                                     "todre_llm": {"layer": 2, "ref_depth": 4, "threshold": 0.0}}
@@ -383,7 +383,7 @@ def test_dart_in_the_model_equals_the_official_selection_on_the_full_sequence(ll
 
 
 def test_sparsevlm_recycles_deleted_tokens(llava, llava_in):
-    with vtoken.apply(llava, "sparsevlm", keep=0.25, layers=(0, 1, 2)) as handle:
+    with vtoken.apply(llava, "sparsevlm", keep=0.25, layers=(0, 1, 2), ref_depth=4) as handle:
         logits(llava, llava_in)
     stage = handle.last.extras["llm"]["stages"][0]
     red = stage["reduction"]

@@ -265,7 +265,6 @@ def test_keep_all_is_identical_on_qwen(qwen_in, name, knobs):
 
 def test_bad_knobs_name_the_argument(llava, llava_in):
     contract.check_errors(llava, llava_in, [
-        (ValueError, "layer", "todre_llm", {"keep": 8}),  # 28 of 32 -> 4 of 4: no layer after it
         (ValueError, "layer", "todre_llm", {"keep": 8, "layer": 3, "ref_depth": LAYERS}),
         (TypeError, "layer", "todre_llm", {"keep": 8, "layer": 1.5}),
         (ValueError, "threshold", "todre_llm", {"keep": 8, "threshold": 1.5, **TODRE}),

@@ -169,14 +169,16 @@ def visual_per_layer(handle: Any, n_visual: torch.Tensor, layers: int) -> list[f
     if handle is None:
         return [mean_in] * layers
     red = handle.last
-    first = float(red.mask.sum(1).float().mean()) if red is not None else mean_in
-    counts = [first] * layers
-    pruner = getattr(handle.adapter, "pruner", None)
-    for rec in getattr(pruner, "records", None) or []:
-        out = float(np.mean(rec["visual_out"]))
-        for layer in range(int(rec["layer"]), layers):
-            counts[layer] = out
-    return counts
+    llm = red.extras.get("llm") if red is not None else None
+    if llm:    # pruning inside the language model: tokens entering it, then each stage's output from its layer on
+        pre = llm.get("pre_llm")
+        counts = [float(pre.mask.sum(1).float().mean()) if pre is not None else mean_in] * layers
+        for stage in llm.get("stages", []):
+            out = float(np.mean(stage["visual_out"]))
+            for layer in range(int(stage["layer"]), layers):
+                counts[layer] = out
+        return counts
+    return [float(red.mask.sum(1).float().mean()) if red is not None else mean_in] * layers
 
 
 def prefill_cost(config: Any, batch: dict[str, torch.Tensor], visual: list[float],

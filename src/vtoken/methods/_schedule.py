@@ -58,13 +58,16 @@ def scale_layers(name: str, layers: Sequence[int], depth: int, ref_depth: int, m
 
 def scale_layer(name: str, layer: int, depth: int, ref_depth: int, method: str, *, lo: int, hi: int) -> int:
     """One decoder-layer index given for a ``ref_depth``-layer model, scaled to ``depth`` (``round(l * depth /
-    ref_depth)``, as :func:`scale_layers`) and validated in ``[lo, hi]`` (errors name ``name``)."""
+    ref_depth)``, as :func:`scale_layers`) and validated in ``[lo, hi]`` (errors name ``name``). A layer that is in
+    range at ``ref_depth`` but rounds outside ``[lo, hi]`` on a much shallower model is clamped into it."""
     if isinstance(ref_depth, bool) or not isinstance(ref_depth, int) or ref_depth < 1:
         raise ValueError(f"{method}: ref_depth must be an int >= 1 (the depth the layers are given for), "
                          f"got {ref_depth!r}")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"{method}: {name} must be an int decoder layer index, got {layer!r}")
     out = round(layer * depth / ref_depth) if ref_depth != depth else layer
+    if ref_depth != depth and 0 <= layer < ref_depth and lo <= hi:
+        out = min(max(out, lo), hi)
     if not lo <= out <= hi:
         raise ValueError(f"{method}: {name}={layer} gives layer {out} at depth {depth} (from ref_depth={ref_depth}); "
                          f"it must be in [{lo}, {hi}] for a language model with {depth} decoder layers")

@@ -38,7 +38,15 @@ def _check_layers(layers: Sequence[int], depth: int) -> list[int]:
     return [v + 1 for v in layers]
 
 
-def _layers(depth: int, layers: Sequence[int] = (2, 6, 15)) -> list[int]:
+def _layers(depth: int, layers: Sequence[int] = (2, 6, 15), ref_depth: int = 32) -> list[int]:
+    """``layers`` given for a ``ref_depth``-layer model (the official 32-layer LLaVA-1.5), scaled to ``depth``
+    (``round(l * depth / ref_depth)``, clamped to the layers that can prune) and checked."""
+    if isinstance(ref_depth, bool) or not isinstance(ref_depth, int) or ref_depth < 1:
+        raise ValueError(f"sparsevlm: ref_depth must be an int >= 1 (the depth the layers are given for), "
+                         f"got {ref_depth!r}")
+    if ref_depth != depth and not isinstance(layers, (int, str)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < ref_depth for v in layers):
+        layers = [min(max(round(v * depth / ref_depth), 0), depth - 2) for v in layers]
     return _check_layers(layers, depth)
 
 
@@ -111,7 +119,7 @@ def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           schedule=LLMSchedule(_layers, _counts))
 def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               llm_embeds: Tensor | None = None, text: Tensor | None = None, text_mask: Tensor | None = None,
-              layers: Sequence[int] = (2, 6, 15), recycle: bool = True) -> Reduction:
+              layers: Sequence[int] = (2, 6, 15), ref_depth: int = 32, recycle: bool = True) -> Reduction:
     """One SparseVLM (v1.0) pruning: rater-guided top-k of the visual tokens plus recycling of deleted ones.
 
     Args:
@@ -126,6 +134,7 @@ def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm
             raters are the instruction tokens with above-mean ``softmax(v t^T)`` relevance (Sec. 3.2). They are
             re-evaluated at each pruning over the visual tokens still present (the official evaluates them once, on
             all of them; identical at the first pruning).
+        ref_depth: the depth ``layers`` are given for (32, LLaVA-1.5's Vicuna); other depths scale them.
         layers: the decoder layers whose attention ranks the tokens (official 2, 6, 15); the tokens are pruned after
             each (before ``layer + 1``).
         recycle: merge the deleted tokens back (v1.0's token recycling, Sec. 3.4).
