@@ -124,3 +124,20 @@ def test_real_data_two_steps(tmp_path):
     model, _ = _state(tmp_path)
     images, labels = fashion.load_fashion("test")
     assert evaluate(model, images[:32], labels[:32], batch_size=16) == m["test_accuracy"]
+
+
+def test_shipped_micro_vit_loads_with_auto_classes():
+    from transformers import AutoModelForImageClassification
+
+    from vtoken.bench.micro_llava import default_vit_path
+
+    path = default_vit_path()
+    if not (path / "config.json").is_file():
+        pytest.skip("no shipped micro ViT in this checkout")
+    model = AutoModelForImageClassification.from_pretrained(path).eval()
+    assert num_patch_tokens(model.config) >= 196
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["finished"] and 0 < metrics["test_accuracy"] <= 1
+    with torch.no_grad():
+        out = model(pixel_values=preprocess(np.zeros((2, 28, 28), np.uint8)))
+    assert out.logits.shape == (2, 10)
