@@ -28,6 +28,7 @@ from torch import nn
 from ..methods import all_methods, get_method
 from .cost import kv_cache_bytes, llm_prefill_flops, projector_flops, vit_flops
 from .fashion import QTYPES, Example, accuracy_by_type, load_default_test_set
+from .train_vit import _progress
 
 DEFAULT_KEEPS = ("all", "0.5", "0.25", "0.11")
 #: stages a default run covers on an image VLM (video methods are for frames, encoder methods for ViT classifiers)
@@ -106,13 +107,18 @@ def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, devi
     return model, AutoProcessor.from_pretrained(str(path))
 
 
+def chat_prompt(processor, question: str) -> str:
+    """The processor's chat template for one user turn: an image, then ``question``."""
+    return processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+
+
 def prepare_batches(processor, examples: Sequence[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Processor inputs (chat prompt + image, left padded) for consecutive batches of ``examples``."""
     out = []
     for i in range(0, len(examples), batch_size):
         exs = examples[i:i + batch_size]
-        prompts = [processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": e.question}]}], add_generation_prompt=True) for e in exs]
+        prompts = [chat_prompt(processor, e.question) for e in exs]
         out.append(dict(processor(images=[e.image for e in exs], text=prompts, return_tensors="pt",
                                   padding=True)))
     return out
@@ -329,9 +335,3 @@ def _first_reductions(handle: Any, n_tokens: int, n: int) -> dict[str, Any]:
     return {"indices": red.indices[:k].cpu(), "mask": red.mask[:k].cpu(), "n_tokens": n_tokens,
             "assign": red.assign[:k].cpu() if red.assign is not None else None,
             "llm": [dict(r) for r in getattr(getattr(handle.adapter, "pruner", None), "records", None) or []]}
-
-
-def _progress(enabled: bool):
-    from .train_vit import _progress as progress_bar
-
-    return progress_bar(enabled)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .report import overlay_tile
-from .run import load_model
+from .run import chat_prompt, load_model
 
 
 def show(image: str | Path, method: str, keep: int | float, *, model_path: str | Path | None = None,
@@ -25,8 +25,7 @@ def show(image: str | Path, method: str, keep: int | float, *, model_path: str |
         raise FileNotFoundError(f"IMAGE {image!s}: no such file")
     model, processor = load_model(model_path)
     pil = Image.open(path).convert("RGB")
-    prompt = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    prompt = chat_prompt(processor, question)
     inputs = processor(images=[pil], text=[prompt], return_tensors="pt")
     pad = getattr(processor.tokenizer, "pad_token_id", None)
 

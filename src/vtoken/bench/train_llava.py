@@ -48,7 +48,7 @@ from .micro_llava import (
     micro_llava_config,
     pixel_values,
 )
-from .train_vit import CHECKPOINT, METRICS, _comparable, _progress, _rng_state, _save_atomic, _set_rng_state
+from .train_vit import CHECKPOINT, METRICS, _check_resume, _progress, _rng_state, _save_atomic, _set_rng_state
 
 _CKPT_FORMAT = 1
 _STAGES = ("tower", "lm")
@@ -205,20 +205,14 @@ def teacher_forced_accuracy(model: nn.Module, features: Tensor, examples: list[E
     return accuracy_by_type(preds, examples)
 
 
-@torch.no_grad()
 def generate_answers(model: nn.Module, processor, examples: list[Example], batch_size: int = 50,
                      max_new_tokens: int = 4) -> list[str]:
     """Greedy answers through the public path: ``processor`` (chat prompt + image) and ``model.generate``."""
-    answers: list[str] = []
-    dev = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        exs = examples[i:i + batch_size]
-        prompts = [processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": e.question}]}], add_generation_prompt=True) for e in exs]
-        inputs = processor(images=[e.image for e in exs], text=prompts, return_tensors="pt", padding=True).to(dev)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return answers
+    from .run import answer, prepare_batches
+
+    batches = prepare_batches(processor, examples, batch_size)
+    out = answer(model, processor, batches, range(len(batches)), max_new_tokens)
+    return [a for i in range(len(batches)) for a in out[i]]
 
 
 def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns: int = 8, tower_steps: int = 2000,
@@ -275,10 +269,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if _comparable(ckpt.get("run", {})) != _comparable(run):
-            diff = sorted(k for k in _RUN_KEYS if _comparable(ckpt.get("run", {})).get(k) != _comparable(run).get(k))
-            raise ValueError(f"{ckpt_path} was written by a run with other arguments ({', '.join(diff)}); "
-                             "use another out_dir or resume=False")
+        _check_resume(ckpt.get("run", {}), run, _RUN_KEYS, ckpt_path)
         model.load_state_dict(ckpt["model"])
         heads.load_state_dict(ckpt["heads"])
         stage, step, history, seconds = ckpt["stage"], ckpt["step"], ckpt["history"], ckpt["seconds"]
@@ -289,9 +280,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
         say(f"resumed from {ckpt_path}: stage {stage}, step {step}")
     elif resume and (out / TOWER).is_file():
         snap = torch.load(out / TOWER, map_location="cpu", weights_only=False)
-        if _comparable(snap["run"]) != _comparable({k: run[k] for k in _TOWER_KEYS}):
-            raise ValueError(f"{out / TOWER} was written by a run with other stage-1 arguments; use another out_dir "
-                             "or resume=False")
+        _check_resume(snap["run"], {k: run[k] for k in _TOWER_KEYS}, _TOWER_KEYS, out / TOWER)
         model.load_state_dict(snap["model"])
         heads.load_state_dict(snap["heads"])
         stage, step, history, seconds = "lm", 0, snap["history"], snap["seconds"]

@@ -130,6 +130,14 @@ def _comparable(run: dict) -> dict:
     return {**run, "model": model}
 
 
+def _check_resume(saved: dict, run: dict, keys: tuple[str, ...], path: Path) -> None:
+    """Raise when the checkpoint at ``path`` was written by a run whose arguments differ from ``run``."""
+    if _comparable(saved) != _comparable(run):
+        diff = sorted(k for k in keys if _comparable(saved).get(k) != _comparable(run).get(k))
+        raise ValueError(f"{path} was written by a run with other arguments ({', '.join(diff)}); "
+                         "use another out_dir or resume=False")
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -209,10 +217,7 @@ def train_vit(out_dir: str | Path, epochs: int = 3, batch_size: int = 128, lr: f
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if _comparable(ckpt.get("run", {})) != _comparable(run):
-            diff = sorted(k for k in _RUN_KEYS if _comparable(ckpt.get("run", {})).get(k) != _comparable(run).get(k))
-            raise ValueError(f"{ckpt_path} was written by a run with other arguments ({', '.join(diff)}); "
-                             f"use another out_dir or resume=False")
+        _check_resume(ckpt.get("run", {}), run, _RUN_KEYS, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
