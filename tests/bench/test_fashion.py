@@ -96,6 +96,16 @@ def test_position_phrases_and_vocabulary():
     assert all(F.words(n) == [n] for n in F.CLASS_NAMES + F.CLASS_PLURALS)
     assert F.words("What is in the top left?") == ["what", "is", "in", "the", "top", "left", "?"]
     assert len(vocab) < 80
+    assert set(F.words(F.DESCRIBE)) <= set(vocab)
+
+
+def test_describe_names_every_cell_in_reading_order():
+    cells = np.array([[0, -1, 2], [3, 4, -1], [-1, -1, 9]])
+    assert F.describe(cells) == ("top left tshirt top center nothing top right pullover middle left dress middle "
+                                 "center coat middle right nothing bottom left nothing bottom center nothing "
+                                 "bottom right boot")
+    assert F.describe(np.array([[7, -1]])) == "left sneaker right nothing"
+    assert set(F.words(F.describe(cells))) <= set(F.vocabulary())
 
 
 # -------------------------------------------------------------------------------- layout
@@ -206,6 +216,15 @@ def test_determinism(fake_root):
     assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c, strict=True))
 
 
+@pytest.mark.parametrize(("grid", "items", "expect"), [((3, 3), F.ITEMS, F.ITEMS), ((3, 3), (1, 1), (1, 1)),
+                                                     ((2, 2), (2, 5), (2, 4)), ((1, 1), (2, 5), (1, 1))])
+def test_items_per_collage(fake_root, grid, items, expect):
+    examples = F.make_split("train", 30, 1, seed=4, root=fake_root, rows=grid[0], cols=grid[1], items=items)
+    counts = Counter(int((e.cells >= 0).sum()) for e in examples)
+    assert set(counts) <= set(range(expect[0], expect[1] + 1))
+    assert len(counts) == expect[1] - expect[0] + 1           # every count in the range occurs
+
+
 def test_bad_arguments(fake_root):
     with pytest.raises(ValueError, match="split"):
         F.make_split("val", 2, 1, 0, root=fake_root)
@@ -213,6 +232,9 @@ def test_bad_arguments(fake_root):
         F.make_split("test", 0, 1, 0, root=fake_root)
     with pytest.raises(ValueError, match="rows"):
         F.make_split("test", 2, 1, 0, root=fake_root, rows=5, cols=5)
+    for items in [(0, 3), (4, 2), (3,)]:
+        with pytest.raises(ValueError, match="items"):
+            F.make_split("test", 2, 1, 0, root=fake_root, items=items)
 
 
 # -------------------------------------------------------------------------------- splits

@@ -1,6 +1,7 @@
 """The micro LLaVA: transformers' own classes, Auto loading, the chat format, the trainer."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -23,12 +24,14 @@ from vtoken.bench.micro_llava import (
 )
 from vtoken.bench.train_llava import (
     CHECKPOINT,
+    TOWER,
     Conversations,
     TowerHeads,
     generate_answers,
     lm_logits,
     teacher_forced_accuracy,
     tower_features,
+    tower_readout,
     train_llava,
 )
 
@@ -146,6 +149,18 @@ def test_conversation_labels_are_answers_only(test_examples):
     assert ids[:len(expanded)] == expanded
 
 
+def test_describe_turn_lists_every_cell(test_examples):
+    conv = Conversations()
+    ex = test_examples[0]
+    ids, labels, turn = conv.sequence([ex], describe_cells=ex.cells)
+    assert max(turn) == 2
+    last = [i for i, t in zip(ids, turn, strict=True) if t == 2]
+    reply = conv.ids(fashion.describe(ex.cells))
+    assert last == [*conv.ids(fashion.DESCRIBE), *conv.assistant, *reply, EOS_ID]
+    assert [t for t in labels if t != -100] == [*conv.ids(ex.answer), EOS_ID, *reply, EOS_ID]
+    assert len(reply) == 3 * ex.cells.size                      # "row column content" per cell
+
+
 def test_teacher_forced_accuracy_equals_generate(test_examples):
     model = tiny_model(seed=3)
     proc = build_processor()
@@ -167,6 +182,20 @@ def test_tower_heads_loss_targets():
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
+def test_tower_readout_answers_from_the_cells_the_heads_read(test_examples):
+    model = tiny_model()
+    heads = TowerHeads(model.config.vision_config.hidden_size)
+    truth = torch.as_tensor(np.stack([e.cells for e in test_examples]))
+    heads.read_cells = lambda hidden: truth                                   # a perfect reader
+    assert set(tower_readout(model, heads, test_examples).values()) == {1.0}
+    heads.read_cells = lambda hidden: torch.full_like(truth, -1)              # sees nothing
+    out = tower_readout(model, heads, test_examples)
+    assert out["item"] == 0.0 and out["where"] == 0.0
+    by_type = {t: [e for e in test_examples if e.qtype == t] for t in ("what", "presence")}
+    assert out["what"] == pytest.approx(np.mean([e.answer == "nothing" for e in by_type["what"]]))
+    assert out["presence"] == pytest.approx(np.mean([e.answer == "no" for e in by_type["presence"]]))
+
+
 def test_train_llava_runs_saves_and_resumes_bit_exact(tmp_path, fake_fashion):
     kw = dict(images=6, turns=2, tower_steps=2, tower_batch=3, lm_steps=3, lm_batch=2,
               config=micro_llava_config(**TINY),
@@ -184,6 +213,19 @@ def test_train_llava_runs_saves_and_resumes_bit_exact(tmp_path, fake_fashion):
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["test"] == full["test"]
     with pytest.raises(ValueError, match="other arguments"):
         train_llava(tmp_path / "b", **{**kw, "lm_steps": 4})
+    # a run differing only in stage 2 and in its language model starts from the stage-1 snapshot
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a" / TOWER, tmp_path / "c" / TOWER)
+    other = micro_llava_config(**{**TINY, "text_hidden": 24})
+    again = train_llava(tmp_path / "c", **{**kw, "config": other, "lm_lr": 1e-3, "describe": False})
+    tower_entries = [h for h in full["history"] if h["stage"] == "tower"]
+    assert again["finished"] and [h for h in again["history"] if h["stage"] == "tower"] == tower_entries
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("model.vision_tower."))
+    with pytest.raises(ValueError, match="other arguments"):
+        (tmp_path / "d").mkdir()
+        shutil.copy(tmp_path / "a" / TOWER, tmp_path / "d" / TOWER)
+        train_llava(tmp_path / "d", **{**kw, "tower_lr": 1e-4})
 
 
 def test_shipped_model_loads_and_is_big_enough():

@@ -1,7 +1,8 @@
 """Fashion collage VQA: a small, offline, deterministic VQA task built from Fashion-MNIST.
 
-Each image is a grid of cells (default 3x3 cells of 28 px = 84x84 RGB); a cell is empty or holds one Fashion-MNIST
-item tinted with a colour. Questions are templated and need different amounts of visual detail:
+Each image is a grid of cells (default 3x3 cells of 28 px = 84x84 RGB, 2 to 5 of them occupied: :data:`ITEMS`); a
+cell is empty or holds one Fashion-MNIST item tinted with a colour. Questions are templated and need different
+amounts of visual detail:
 
 ===========  =====================================  ===========================================================
 qtype        question                               answer
@@ -79,6 +80,8 @@ PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 
 """Item tints (red, green, blue, yellow, magenta, cyan, white)."""
 GRID_COLOR = np.array([96, 96, 96], dtype=np.uint8)
 ITEM = 28
+ITEMS = (2, 5)
+"""Default range (inclusive) of the number of items per collage, clipped to the grid's cells."""
 
 DEFAULT_TEST_IMAGES = 500
 DEFAULT_TEST_QUESTIONS = 2
@@ -177,6 +180,19 @@ def position_phrases(rows: int = 3, cols: int = 3) -> list[str]:
     return [f"{r} {c}".strip() or "center" for r in axis[rows] for c in col_axis[cols]]
 
 
+DESCRIBE = "list the items."
+"""A training-only request (not a test question type): its answer, :func:`describe`, names every cell's content in
+reading order, which teaches a model to tie position words to image regions."""
+
+
+def describe(cells: np.ndarray) -> str:
+    """The answer to :data:`DESCRIBE` for class ids ``cells [rows, cols]`` (-1 empty): each cell's position phrase
+    then its content, row-major, e.g. ``top left bag top center nothing ...``."""
+    pos = position_phrases(*cells.shape)
+    return " ".join(f"{p} {CLASS_NAMES[k] if k >= 0 else NOTHING}" for p, k in zip(pos, cells.reshape(-1).tolist(),
+                                                                                     strict=True))
+
+
 def answer_vocabulary(rows: int = 3, cols: int = 3) -> list[str]:
     """Every possible answer for a grid: class names, ``nothing``, number words, yes/no, position phrases."""
     return [*CLASS_NAMES, NOTHING, *NUMBER_WORDS[: rows * cols + 1], "yes", "no", *position_phrases(rows, cols)]
@@ -190,7 +206,7 @@ def _templates(rows: int, cols: int) -> list[str]:
 
 def vocabulary(rows: int = 3, cols: int = 3) -> list[str]:
     """Sorted list of every word (per :func:`words`) in any question or answer for the grid."""
-    texts = _templates(rows, cols) + answer_vocabulary(rows, cols)
+    texts = [*_templates(rows, cols), DESCRIBE, *answer_vocabulary(rows, cols)]
     return sorted({w for t in texts for w in words(t)})
 
 
@@ -250,10 +266,10 @@ def candidate_questions(cells: np.ndarray) -> dict[str, list[tuple[str, str]]]:
     }
 
 
-def _sample_layout(rng: np.random.Generator, n_cells: int) -> np.ndarray:
-    """Class id per cell (row-major, -1 empty): ``n_cells//3 .. n_cells`` items, classes repeating with probability
-    0.4 per item, at least one class seen exactly once."""
-    k = int(rng.integers(max(1, n_cells // 3), n_cells + 1))
+def _sample_layout(rng: np.random.Generator, n_cells: int, items: tuple[int, int]) -> np.ndarray:
+    """Class id per cell (row-major, -1 empty): ``items[0] .. items[1]`` items (clipped to ``n_cells``), classes
+    repeating with probability 0.4 per item, at least one class seen exactly once."""
+    k = int(rng.integers(min(items[0], n_cells), min(items[1], n_cells) + 1))
     while True:
         classes: list[int] = []
         for _ in range(k):
@@ -295,16 +311,19 @@ def _pick_balanced(rng: np.random.Generator, options: list, counts: Counter, key
 
 
 def make_split(split: str, n_images: int, questions_per_image: int, seed: int, root: str | Path | None = None,
-               rows: int = 3, cols: int = 3, cell: int = ITEM, border: int = 1) -> list[Example]:
+               rows: int = 3, cols: int = 3, cell: int = ITEM, border: int = 1,
+               items: tuple[int, int] = ITEMS) -> list[Example]:
     """``n_images * questions_per_image`` examples on collages of items from Fashion-MNIST ``split`` only,
     deterministic in ``seed`` (train and test draw different layouts for the same seed). Images are
-    ``uint8 [rows*cell, cols*cell, 3]``; questions of one image are distinct and of distinct types while
-    ``questions_per_image <= 4``."""
+    ``uint8 [rows*cell, cols*cell, 3]`` holding ``items[0] .. items[1]`` items (uniform, clipped to the cells);
+    questions of one image are distinct and of distinct types while ``questions_per_image <= 4``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n_images < 1 or questions_per_image < 1:
         raise ValueError(f"n_images and questions_per_image must be >= 1, got {n_images}, {questions_per_image}")
     _check_grid(rows, cols)
+    if len(items) != 2 or not 1 <= items[0] <= items[1]:
+        raise ValueError(f"items must be (min, max) with 1 <= min <= max, got {items!r}")
     images, labels = load_fashion(split, root)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split]]))
     pool = _Pool(labels, rng)
@@ -312,7 +331,7 @@ def make_split(split: str, n_images: int, questions_per_image: int, seed: int, r
     answer_counts: dict[str, Counter] = {t: Counter() for t in QTYPES}
     out: list[Example] = []
     for image_id in range(n_images):
-        flat = _sample_layout(rng, rows * cols)
+        flat = _sample_layout(rng, rows * cols, items)
         sources = np.array([pool.take(int(k)) if k >= 0 else -1 for k in flat], np.int64)
         tints = np.where(flat >= 0, rng.integers(len(PALETTE), size=flat.size), -1)
         tiles = np.where((sources >= 0)[:, None, None], images[np.maximum(sources, 0)], 0).astype(np.uint8)
@@ -401,12 +420,12 @@ def default_test_path() -> Path:
 
 
 def build_default_test_set(path: str | Path | None = None, root: str | Path | None = None) -> list[Example]:
-    """The shipped test set, rebuilt from Fashion-MNIST test images: 500 3x3 collages x 2 questions, seed 0.
+    """The shipped test set, rebuilt from Fashion-MNIST test images: 500 3x3 collages (2-5 items) x 2 questions, seed 0.
     Written to ``path`` when given."""
     examples = make_split("test", DEFAULT_TEST_IMAGES, DEFAULT_TEST_QUESTIONS, DEFAULT_TEST_SEED, root=root)
     if path is not None:
         meta = {"split": "test", "n_images": DEFAULT_TEST_IMAGES, "questions_per_image": DEFAULT_TEST_QUESTIONS,
-                "seed": DEFAULT_TEST_SEED, "rows": 3, "cols": 3, "cell": ITEM, "border": 1,
+                "seed": DEFAULT_TEST_SEED, "rows": 3, "cols": 3, "cell": ITEM, "border": 1, "items": list(ITEMS),
                 "source": "Fashion-MNIST t10k (Zalando Research, MIT licence)"}
         save_examples(path, examples, meta)
     return examples

@@ -94,7 +94,7 @@ def build_processor():
                           chat_template=CHAT_TEMPLATE)
 
 
-def micro_llava_config(vision_hidden: int = 64, vision_layers: int = 3, text_hidden: int = 64, text_layers: int = 4,
+def micro_llava_config(vision_hidden: int = 128, vision_layers: int = 3, text_hidden: int = 128, text_layers: int = 4,
                        heads: int = 4, **overrides: Any):
     """The micro LLaVA's ``LlavaConfig`` (CLIP tower 84 px / patch 7 with CLS, Llama LM over :func:`vocab`); the
     projector reads the tower's last layer (``vision_feature_layer=-1``) without CLS (strategy ``"default"``)."""

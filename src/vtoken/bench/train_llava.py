@@ -7,15 +7,22 @@ learning to see), so the recipe has two stages, as LLaVA's alignment-then-tuning
    every patch token predicts its cell's content (empty or one of 10 classes) and its cell row and column, the CLS
    token predicts which classes are present (multi-label). The heads are discarded afterwards; what stays is a tower
    whose patch tokens carry "what" and "where" linearly.
-2. **Language model** (``lm_steps``): the tower is frozen (its features are computed once and cached), the projector
-   and the Llama language model learn to answer. Each training sequence is one collage followed by ``turns``
-   question/answer turns in the llava-1.5 conversation format, so one pass over the 144 image tokens supervises
-   several answers; the first turn is exactly the single-turn prompt used at test time.
+   At the end of the stage, :func:`tower_readout` answers the test questions from what the heads read in each
+   cell: the reference for what the features hold (``test_*`` entries of the last tower history entry).
+2. **Language model** (``lm_steps``): the tower is frozen (its features are computed once and cached, float16),
+   the projector and the Llama language model learn to answer. Each training sequence is one collage followed by
+   ``turns`` question/answer turns in the llava-1.5 conversation format, so one pass over the 144 image tokens
+   supervises several answers; the first turn is exactly the single-turn prompt used at test time. With
+   ``describe`` a last turn asks :data:`~vtoken.bench.fashion.DESCRIBE` and is answered with every cell in
+   reading order (``top left bag top center nothing ...``): position words directly followed by what is there,
+   which grounds position words far faster than the what/where questions alone (a training-only request; the
+   test set has only the four question types).
 
 Everything random derives from ``seed`` without hidden state (batch ``s`` of stage ``k`` from
 ``SeedSequence([seed, k, s])``), so a run resumes from ``<out>/checkpoint.pt`` to the same weights. The state at
-the end of stage 1 is also kept in ``<out>/tower.pt``: a run that differs only in its stage-2 arguments starts
-from it (in an out_dir without ``checkpoint.pt``).
+the end of stage 1 (the vision tower and heads) is also kept in ``<out>/tower.pt``: a run that differs only in its
+stage-2 arguments or its language model starts from it (in an out_dir without ``checkpoint.pt``); the tower's
+seeded initialisation does not depend on the language model's config.
 Outputs in ``out_dir``: ``config.json`` + ``model.safetensors`` + processor files (load with
 ``AutoModelForImageTextToText`` / ``AutoProcessor``), ``metrics.json`` (per-question-type accuracy of greedy
 ``generate`` on the shipped test set, history, arguments, timing) and ``checkpoint.pt``.
@@ -36,7 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fashion import CLASS_NAMES, Example, accuracy_by_type, load_default_test_set, make_split
+from .fashion import (
+    CLASS_NAMES,
+    DESCRIBE,
+    Example,
+    accuracy_by_type,
+    candidate_questions,
+    describe,
+    load_default_test_set,
+    make_split,
+)
 from .micro_llava import (
     BOS_ID,
     EOS_ID,
@@ -53,8 +69,8 @@ from .train_vit import CHECKPOINT, METRICS, _check_resume, _progress, _rng_state
 _CKPT_FORMAT = 1
 _STAGES = ("tower", "lm")
 _RUN_KEYS = ("seed", "images", "turns", "tower_steps", "tower_batch", "tower_lr", "lm_steps", "lm_batch", "lm_lr",
-             "model")
-_TOWER_KEYS = ("seed", "images", "turns", "tower_steps", "tower_batch", "tower_lr", "model")
+             "describe", "model")
+_TOWER_KEYS = ("seed", "images", "turns", "tower_steps", "tower_batch", "tower_lr", "vision")
 TOWER = "tower.pt"
 
 
@@ -95,12 +111,26 @@ class TowerHeads(nn.Module):
                                                   "patch_acc": acc}
 
     @torch.no_grad()
-    def cell_accuracy(self, hidden: Tensor, cells: Tensor) -> float:
-        """Accuracy of the cell contents read from the patch logits averaged over each cell's patches."""
+    def read_cells(self, hidden: Tensor) -> Tensor:
+        """Class id per cell ``[n, rows, cols]`` (-1 empty) from the patch logits averaged over each cell."""
         n, side = hidden.shape[0], round((hidden.shape[1] - 1) ** 0.5)
         logits = self.content(hidden[:, 1:]).reshape(n, self.rows, side // self.rows, self.cols,
                                                       side // self.cols, -1).mean((2, 4))
-        return (logits.argmax(-1) == cells + 1).float().mean().item()
+        return logits.argmax(-1) - 1
+
+
+@torch.no_grad()
+def tower_readout(model: nn.Module, heads: TowerHeads, examples: list[Example]) -> dict[str, float]:
+    """What the stage-1 tower alone knows: each question answered from the cell contents its heads read
+    (:meth:`TowerHeads.read_cells`), per question type, plus ``item`` (accuracy on occupied cells). A ceiling-like
+    reference for the language model, which sees the same features."""
+    hidden = tower_features(model, np.stack([e.image for e in examples]), cls=True)
+    read = heads.read_cells(hidden.to(next(heads.parameters()).device)).cpu()
+    preds = [dict(qa for qas in candidate_questions(r.numpy()).values() for qa in qas).get(e.question, "")
+             for e, r in zip(examples, read, strict=True)]
+    truth = torch.as_tensor(np.stack([e.cells for e in examples]))
+    occupied = truth >= 0
+    return {**accuracy_by_type(preds, examples), "item": (read[occupied] == truth[occupied]).float().mean().item()}
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -122,17 +152,22 @@ class Conversations:
             self._cache[text] = _encode(self.tok, text)
         return self._cache[text]
 
-    def sequence(self, turns: list[Example]) -> tuple[list[int], list[int], list[int]]:
-        """``(input_ids, labels, turn)``: the collage prefix then each turn's ``question ASSISTANT: answer </s>``;
-        labels are the answer words and ``</s>``, -100 elsewhere; ``turn`` is 0 on the prefix, ``j + 1`` on turn
-        ``j``. Under :meth:`batch`'s mask and positions every turn sees only the prefix and itself, at the
-        positions a single-turn prompt has: one pass trains ``len(turns)`` independent single-turn examples."""
+    def sequence(self, turns: list[Example], describe_cells: np.ndarray | None = None,
+                 ) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, labels, turn)``: the collage prefix then each turn's ``question ASSISTANT: answer </s>``
+        (plus a last :data:`~vtoken.bench.fashion.DESCRIBE` turn for ``describe_cells``); labels are the answer
+        words and ``</s>``, -100 elsewhere; ``turn`` is 0 on the prefix, ``j + 1`` on turn ``j``. Under
+        :meth:`batch`'s mask and positions every turn sees only the prefix and itself, at the positions a
+        single-turn prompt has: one pass trains ``len(turns)`` independent single-turn examples."""
         ids = list(self.head)
         labels = [-100] * len(ids)
         turn = [0] * len(ids)
-        for j, ex in enumerate(turns):
-            prompt = self.ids(ex.question) + self.assistant
-            answer = [*self.ids(ex.answer), EOS_ID]
+        qa = [(ex.question, ex.answer) for ex in turns]
+        if describe_cells is not None:
+            qa.append((DESCRIBE, describe(describe_cells)))
+        for j, (question, reply) in enumerate(qa):
+            prompt = self.ids(question) + self.assistant
+            answer = [*self.ids(reply), EOS_ID]
             ids += prompt + answer
             labels += [-100] * len(prompt) + answer
             turn += [j + 1] * (len(prompt) + len(answer))
@@ -178,12 +213,14 @@ def lm_logits(model: nn.Module, features: Tensor, input_ids: Tensor, attention_m
 
 
 @torch.no_grad()
-def tower_features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> Tensor:
-    """Last-layer patch states of the vision tower ``[n, 144, C]`` for ``uint8 [n, 84, 84, 3]`` collages."""
+def tower_features(model: nn.Module, images: np.ndarray, batch_size: int = 256, cls: bool = False,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """Last-layer states of the vision tower ``[n, 144, C]`` (``[n, 1 + 144, C]`` with ``cls``) for ``uint8
+    [n, 84, 84, 3]`` collages, stored as ``dtype`` (stage 2 caches them in float16 to halve the memory)."""
     tower = model.model.vision_tower
     dev = next(tower.parameters()).device
-    out = [tower(pixel_values=pixel_values(images[i:i + batch_size]).to(dev)).last_hidden_state[:, 1:]
-           for i in range(0, len(images), batch_size)]
+    out = [tower(pixel_values=pixel_values(images[i:i + batch_size]).to(dev)).last_hidden_state[:, 0 if cls else 1:]
+           .to(dtype) for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -215,9 +252,9 @@ def generate_answers(model: nn.Module, processor, examples: list[Example], batch
     return [a for i in range(len(batches)) for a in out[i]]
 
 
-def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns: int = 8, tower_steps: int = 2000,
-                tower_batch: int = 48, tower_lr: float = 3e-3, lm_steps: int = 2500, lm_batch: int = 24,
-                lm_lr: float = 2e-3, root: str | Path | None = None, resume: bool = True,
+def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turns: int = 8, tower_steps: int = 3000,
+                tower_batch: int = 48, tower_lr: float = 2e-3, lm_steps: int = 3000, lm_batch: int = 24,
+                lm_lr: float = 2e-3, describe: bool = True, root: str | Path | None = None, resume: bool = True,
                 device: str | torch.device | None = None, config=None, checkpoint_every: int = 200,
                 eval_every: int = 250, eval_limit: int = 400, stop_after: int | None = None, progress: bool = True,
                 log=print) -> dict[str, Any]:
@@ -239,7 +276,8 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
     cfg = config if config is not None else micro_llava_config()
     run = json.loads(json.dumps({"seed": seed, "images": images, "turns": turns, "tower_steps": tower_steps,
                                  "tower_batch": tower_batch, "tower_lr": tower_lr, "lm_steps": lm_steps,
-                                 "lm_batch": lm_batch, "lm_lr": lm_lr, "model": cfg.to_diff_dict()}))
+                                 "lm_batch": lm_batch, "lm_lr": lm_lr, "describe": describe,
+                                 "model": cfg.to_diff_dict(), "vision": cfg.to_diff_dict()["vision_config"]}))
 
     t_data = time.perf_counter()
     train = make_split("train", images, turns, seed, root=root)
@@ -251,7 +289,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).to(dev)
-    heads = TowerHeads(cfg.vision_config.hidden_size).to(dev)
+    heads = TowerHeads(cfg.vision_config.hidden_size, *train_cells.shape[1:]).to(dev)
     conv = Conversations()
 
     def optimizer_for(stage: str):
@@ -281,7 +319,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
     elif resume and (out / TOWER).is_file():
         snap = torch.load(out / TOWER, map_location="cpu", weights_only=False)
         _check_resume(snap["run"], {k: run[k] for k in _TOWER_KEYS}, _TOWER_KEYS, out / TOWER)
-        model.load_state_dict(snap["model"])
+        model.model.vision_tower.load_state_dict(snap["tower"])
         heads.load_state_dict(snap["heads"])
         stage, step, history, seconds = "lm", 0, snap["history"], snap["seconds"]
         opt, sched = optimizer_for("lm")
@@ -303,7 +341,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
             if bar is not None else None
         while done_before + 0 < budget:
             if stage == "tower" and step >= tower_steps:
-                _save_atomic({"run": {k: run[k] for k in _TOWER_KEYS}, "model": model.state_dict(),
+                _save_atomic({"run": {k: run[k] for k in _TOWER_KEYS}, "tower": model.model.vision_tower.state_dict(),
                               "heads": heads.state_dict(), "history": history,
                               "seconds": seconds + time.perf_counter() - t0}, out / TOWER)
                 stage, step = "lm", 0
@@ -321,12 +359,14 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
             else:
                 if features is None:
                     model.model.vision_tower.eval().requires_grad_(False)
-                    features = tower_features(model, train_images)
+                    features = tower_features(model, train_images, dtype=torch.float16)
                     test_features = tower_features(model, np.stack([e.image for e in test[:eval_limit]]))
                 idx = rng.choice(len(groups), lm_batch, replace=False)
-                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)]) for i in idx]
+                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)],
+                                      groups[i][0].cells if describe else None) for i in idx]
                 ids, labels, mask, pos = conv.batch(seqs)
-                logits = lm_logits(model, features[torch.as_tensor(idx)], ids.to(dev), mask.to(dev), pos.to(dev))
+                feats = features[torch.as_tensor(idx)].float()
+                logits = lm_logits(model, feats, ids.to(dev), mask.to(dev), pos.to(dev))
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].to(dev).flatten(),
                                        ignore_index=-100)
                 info = {}
@@ -351,11 +391,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 8000, turns
                     + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
             elif stage == "tower" and (step % 200 == 0 or last):
                 model.model.vision_tower.eval()
-                with torch.no_grad():
-                    test_px = pixel_values(np.stack([e.image for e in test[:eval_limit:2]])).to(dev)
-                    info["test_cell_acc"] = heads.cell_accuracy(
-                        model.model.vision_tower(pixel_values=test_px).last_hidden_state,
-                        torch.as_tensor(np.stack([e.cells for e in test[:eval_limit:2]])).to(dev))
+                info.update({f"test_{k}": v for k, v in tower_readout(model, heads, test).items()})
                 model.model.vision_tower.train()
                 history.append({"stage": stage, "step": step, **{k: round(v, 4) for k, v in info.items()}})
                 say(f"tower step {step}/{tower_steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in info.items()))
@@ -385,18 +421,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the micro LLaVA on Fashion collage VQA.")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--images", type=int, default=40000)
     p.add_argument("--turns", type=int, default=8)
-    p.add_argument("--tower-steps", type=int, default=2000)
-    p.add_argument("--lm-steps", type=int, default=2500)
+    p.add_argument("--tower-steps", type=int, default=3000)
+    p.add_argument("--lm-steps", type=int, default=3000)
+    p.add_argument("--lm-batch", type=int, default=24)
+    p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--root", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--stop-after", type=int, default=None)
     a = p.parse_args(argv)
     m = train_llava(a.out_dir, seed=a.seed, images=a.images, turns=a.turns, tower_steps=a.tower_steps,
-                    lm_steps=a.lm_steps, root=a.root, device=a.device, resume=not a.no_resume,
-                    stop_after=a.stop_after)
+                    lm_steps=a.lm_steps, lm_batch=a.lm_batch, lm_lr=a.lm_lr, root=a.root, device=a.device,
+                    resume=not a.no_resume, stop_after=a.stop_after)
     print(json.dumps({k: m[k] for k in ("finished", "stage", "step", "test", "seconds") if k in m}))
 
 
