@@ -106,6 +106,9 @@ def test_describe_names_every_cell_in_reading_order():
                                  "bottom right boot")
     assert F.describe(np.array([[7, -1]])) == "left sneaker right nothing"
     assert set(F.words(F.describe(cells))) <= set(F.vocabulary())
+    assert F.describe(np.array([[7, -1]]), order=[1, 0]) == "right nothing left sneaker"
+    with pytest.raises(ValueError, match="permutation"):
+        F.describe(np.array([[7, -1]]), order=[1, 1])
 
 
 # -------------------------------------------------------------------------------- layout

@@ -217,11 +217,13 @@ def test_train_llava_runs_saves_and_resumes_bit_exact(tmp_path, fake_fashion):
     (tmp_path / "c").mkdir()
     shutil.copy(tmp_path / "a" / TOWER, tmp_path / "c" / TOWER)
     other = micro_llava_config(**{**TINY, "text_hidden": 24})
-    again = train_llava(tmp_path / "c", **{**kw, "config": other, "lm_lr": 1e-3, "describe": False})
+    again = train_llava(tmp_path / "c", **{**kw, "config": other, "lm_lr": 1e-3, "describe": "shuffled"})
     tower_entries = [h for h in full["history"] if h["stage"] == "tower"]
     assert again["finished"] and [h for h in again["history"] if h["stage"] == "tower"] == tower_entries
     c = load_file(tmp_path / "c" / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("model.vision_tower."))
+    with pytest.raises(ValueError, match="describe"):
+        train_llava(tmp_path / "e", **{**kw, "describe": "sorted"})
     with pytest.raises(ValueError, match="other arguments"):
         (tmp_path / "d").mkdir()
         shutil.copy(tmp_path / "a" / TOWER, tmp_path / "d" / TOWER)

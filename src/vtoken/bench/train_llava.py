@@ -153,9 +153,10 @@ class Conversations:
         return self._cache[text]
 
     def sequence(self, turns: list[Example], describe_cells: np.ndarray | None = None,
-                 ) -> tuple[list[int], list[int], list[int]]:
+                 describe_order: np.ndarray | None = None) -> tuple[list[int], list[int], list[int]]:
         """``(input_ids, labels, turn)``: the collage prefix then each turn's ``question ASSISTANT: answer </s>``
-        (plus a last :data:`~vtoken.bench.fashion.DESCRIBE` turn for ``describe_cells``); labels are the answer
+        (plus a last :data:`~vtoken.bench.fashion.DESCRIBE` turn for ``describe_cells``, cells listed in
+        ``describe_order``, default reading order); labels are the answer
         words and ``</s>``, -100 elsewhere; ``turn`` is 0 on the prefix, ``j + 1`` on turn ``j``. Under
         :meth:`batch`'s mask and positions every turn sees only the prefix and itself, at the positions a
         single-turn prompt has: one pass trains ``len(turns)`` independent single-turn examples."""
@@ -164,7 +165,7 @@ class Conversations:
         turn = [0] * len(ids)
         qa = [(ex.question, ex.answer) for ex in turns]
         if describe_cells is not None:
-            qa.append((DESCRIBE, describe(describe_cells)))
+            qa.append((DESCRIBE, describe(describe_cells, describe_order)))
         for j, (question, reply) in enumerate(qa):
             prompt = self.ids(question) + self.assistant
             answer = [*self.ids(reply), EOS_ID]
@@ -254,19 +255,23 @@ def generate_answers(model: nn.Module, processor, examples: list[Example], batch
 
 def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turns: int = 8, tower_steps: int = 3000,
                 tower_batch: int = 48, tower_lr: float = 2e-3, lm_steps: int = 3000, lm_batch: int = 24,
-                lm_lr: float = 2e-3, describe: bool = True, root: str | Path | None = None, resume: bool = True,
+                lm_lr: float = 2e-3, describe: bool | str = True, root: str | Path | None = None, resume: bool = True,
                 device: str | torch.device | None = None, config=None, checkpoint_every: int = 200,
                 eval_every: int = 250, eval_limit: int = 400, stop_after: int | None = None, progress: bool = True,
                 log=print) -> dict[str, Any]:
     """Train the micro LLaVA (two stages, module docstring) and save it with its processor to ``out_dir``.
 
     ``images``: training collages (``turns`` questions each, from Fashion-MNIST's training images only).
+    ``describe``: add the describe turn (``True``: cells in reading order; ``"shuffled"``: in a fresh random order per
+    sequence, so position words cannot be tracked by counting; ``False``: no describe turn).
     ``stop_after``: stop after this many steps in all (both stages count), checkpointed, to split a run into parts.
     Returns the metrics (also written to ``<out_dir>/metrics.json``); ``"test"`` holds the greedy accuracy per
     question type on the shipped test set once the run is finished.
     """
     from transformers import LlavaForConditionalGeneration, get_cosine_schedule_with_warmup
 
+    if describe not in (True, False, "shuffled"):
+        raise ValueError(f"describe must be True, False or 'shuffled', got {describe!r}")
     if min(images, turns, tower_batch, lm_batch) < 1 or min(tower_steps, lm_steps) < 0:
         raise ValueError("images, turns, tower_batch and lm_batch must be >= 1 and the step counts >= 0")
     out = Path(out_dir)
@@ -362,8 +367,10 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turn
                     features = tower_features(model, train_images, dtype=torch.float16)
                     test_features = tower_features(model, np.stack([e.image for e in test[:eval_limit]]))
                 idx = rng.choice(len(groups), lm_batch, replace=False)
-                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)],
-                                      groups[i][0].cells if describe else None) for i in idx]
+                cells = [groups[i][0].cells for i in idx]
+                orders = [rng.permutation(c.size) if describe == "shuffled" else None for c in cells]
+                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)], c if describe else None, o)
+                        for i, c, o in zip(idx, cells, orders, strict=True)]
                 ids, labels, mask, pos = conv.batch(seqs)
                 feats = features[torch.as_tensor(idx)].float()
                 logits = lm_logits(model, feats, ids.to(dev), mask.to(dev), pos.to(dev))
