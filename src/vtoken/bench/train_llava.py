@@ -103,20 +103,22 @@ class TowerHeads(nn.Module):
                  + F.cross_entropy(pos[..., self.rows:].flatten(0, 1), cols_t))
         present_t = (cells.flatten(1)[:, :, None] == torch.arange(len(CLASS_NAMES), device=cells.device)).any(1)
         present = F.binary_cross_entropy_with_logits(self.present(hidden[:, 0]), present_t.float())
-        cell_logits = logits.reshape(n, self.rows, side // self.rows, self.cols, side // self.cols, -1).mean((2, 4))
-        cell = F.cross_entropy(cell_logits.flatten(0, 2), (cells + 1).flatten())
+        cell = F.cross_entropy(self._cell_logits(logits).flatten(0, 2), (cells + 1).flatten())
         acc = (logits.argmax(-1) == target).float().mean().item()
         return content + cell + where + present, {"content": content.item(), "cell": cell.item(),
                                                   "where": where.item(), "present": present.item(),
                                                   "patch_acc": acc}
 
+    def _cell_logits(self, patch_logits: Tensor) -> Tensor:
+        """Content logits ``[n, P, 11]`` of a square patch grid -> averaged over each cell ``[n, rows, cols, 11]``."""
+        n, p, k = patch_logits.shape
+        side = round(p ** 0.5)
+        return patch_logits.reshape(n, self.rows, side // self.rows, self.cols, side // self.cols, k).mean((2, 4))
+
     @torch.no_grad()
     def read_cells(self, hidden: Tensor) -> Tensor:
         """Class id per cell ``[n, rows, cols]`` (-1 empty) from the patch logits averaged over each cell."""
-        n, side = hidden.shape[0], round((hidden.shape[1] - 1) ** 0.5)
-        logits = self.content(hidden[:, 1:]).reshape(n, self.rows, side // self.rows, self.cols,
-                                                      side // self.cols, -1).mean((2, 4))
-        return logits.argmax(-1) - 1
+        return self._cell_logits(self.content(hidden[:, 1:])).argmax(-1) - 1
 
 
 @torch.no_grad()
@@ -145,7 +147,6 @@ class Conversations:
         self._cache: dict[str, list[int]] = {}
         self.head = [BOS_ID, *self.ids("USER:"), *[IMAGE_ID] * NUM_IMAGE_TOKENS]
         self.assistant = self.ids("ASSISTANT:")
-        self.user = self.ids("USER:")
 
     def ids(self, text: str) -> list[int]:
         if text not in self._cache:
@@ -156,10 +157,10 @@ class Conversations:
                  describe_order: np.ndarray | None = None) -> tuple[list[int], list[int], list[int]]:
         """``(input_ids, labels, turn)``: the collage prefix then each turn's ``question ASSISTANT: answer </s>``
         (plus a last :data:`~vtoken.bench.fashion.DESCRIBE` turn for ``describe_cells``, cells listed in
-        ``describe_order``, default reading order); labels are the answer
-        words and ``</s>``, -100 elsewhere; ``turn`` is 0 on the prefix, ``j + 1`` on turn ``j``. Under
-        :meth:`batch`'s mask and positions every turn sees only the prefix and itself, at the positions a
-        single-turn prompt has: one pass trains ``len(turns)`` independent single-turn examples."""
+        ``describe_order``, default reading order); labels are the answer words and ``</s>``, -100 elsewhere;
+        ``turn`` is 0 on the prefix, ``j + 1`` on turn ``j``. Under :meth:`batch`'s mask and positions every turn
+        sees only the prefix and itself, at the positions a single-turn prompt has: one pass trains ``len(turns)``
+        independent single-turn examples."""
         ids = list(self.head)
         labels = [-100] * len(ids)
         turn = [0] * len(ids)
@@ -344,7 +345,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turn
     with _progress(progress) as bar:
         task = bar.add_task("train", total=tower_steps + lm_steps, completed=done_before, info="") \
             if bar is not None else None
-        while done_before + 0 < budget:
+        while done_before < budget:
             if stage == "tower" and step >= tower_steps:
                 _save_atomic({"run": {k: run[k] for k in _TOWER_KEYS}, "tower": model.model.vision_tower.state_dict(),
                               "heads": heads.state_dict(), "history": history,
