@@ -27,6 +27,7 @@ from vtoken.bench.train_llava import (
     TOWER,
     Conversations,
     TowerHeads,
+    augment_collages,
     generate_answers,
     lm_logits,
     teacher_forced_accuracy,
@@ -161,6 +162,40 @@ def test_describe_turn_lists_every_cell(test_examples):
     assert len(reply) == 3 * ex.cells.size                      # "row column content" per cell
 
 
+def test_shuffled_describe_turn_labels_only_the_contents(test_examples):
+    conv = Conversations()
+    ex = test_examples[0]
+    order = np.arange(ex.cells.size)[::-1]
+    ids, labels, turn = conv.sequence([ex], describe_cells=ex.cells, describe_order=order)
+    last = [i for i, t in zip(ids, turn, strict=True) if t == 2]
+    reply = conv.ids(fashion.describe(ex.cells, order))
+    assert last == [*conv.ids(fashion.DESCRIBE), *conv.assistant, *reply, EOS_ID]
+    contents = [t for _, what in fashion.describe_pairs(ex.cells, order) for t in conv.ids(what)]
+    assert len(contents) == ex.cells.size
+    assert [t for t in labels if t != -100] == [*conv.ids(ex.answer), EOS_ID, *contents, EOS_ID]
+
+
+def _cells(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), 3, 28, 3, 28, 3).transpose(0, 1, 3, 2, 4, 5)
+
+
+def test_augment_collages_moves_pictures_within_their_cells(test_examples):
+    x = np.stack([e.image for e in test_examples[:8]])
+    truth = np.stack([e.cells for e in test_examples[:8]])
+    a = augment_collages(x, np.random.default_rng(0))
+    assert a.shape == x.shape and a.dtype == np.uint8 and not np.array_equal(a, x)
+    assert np.array_equal(a, augment_collages(x, np.random.default_rng(0)))
+    grid = np.isin(np.arange(84) % 28, (0, 27))
+    assert np.array_equal(a[:, grid], x[:, grid]) and np.array_equal(a[:, :, grid], x[:, :, grid])
+    assert (_cells(a)[truth < 0] == _cells(x)[truth < 0]).all()               # empty cells stay empty
+    flipped = _cells(augment_collages(x, np.random.default_rng(1), shift=0))
+    same = (flipped == _cells(x)).all((3, 4, 5))
+    mirrored = (flipped == _cells(x)[:, :, :, :, ::-1]).all((3, 4, 5))
+    assert (same | mirrored).all() and not same[truth >= 0].all()
+    with pytest.raises(ValueError, match=r"\[n, 84, 84, 3\]"):
+        augment_collages(x[:, :80], np.random.default_rng(0))
+
+
 def test_teacher_forced_accuracy_equals_generate(test_examples):
     model = tiny_model(seed=3)
     proc = build_processor()
@@ -228,6 +263,14 @@ def test_train_llava_runs_saves_and_resumes_bit_exact(tmp_path, fake_fashion):
         (tmp_path / "d").mkdir()
         shutil.copy(tmp_path / "a" / TOWER, tmp_path / "d" / TOWER)
         train_llava(tmp_path / "d", **{**kw, "tower_lr": 1e-4})
+    with pytest.raises(ValueError, match="tower_augment"):
+        train_llava(tmp_path / "d", **{**kw, "tower_augment": True})
+    # stage 1 with per-cell augmentation trains another tower from the same seed
+    aug = train_llava(tmp_path / "f", **{**kw, "tower_augment": True, "stop_after": 2})
+    assert not aug["finished"] and aug["stage"] == "tower" and aug["step"] == 2
+    f = torch.load(tmp_path / "f" / CHECKPOINT, weights_only=False)["model"]
+    patch = [k for k in (*f, *a) if k.endswith("vision_tower.embeddings.patch_embedding.weight")]
+    assert len(patch) == 2 and not torch.equal(f[patch[0]], a[patch[1]])
 
 
 def test_shipped_model_loads_and_is_big_enough():

@@ -65,6 +65,8 @@ def test_preprocess_and_augment():
     a = augment_batch(x, np.random.default_rng(1))
     b = augment_batch(x, np.random.default_rng(1))
     assert a.shape == x.shape and a.dtype == np.uint8 and np.array_equal(a, b)
+    rgb = augment_batch(np.repeat(x[..., None], 3, -1), np.random.default_rng(1))   # channel axes move along
+    assert rgb.shape == (3, 28, 28, 3) and all(np.array_equal(rgb[..., c], a) for c in range(3))
 
 
 def test_evaluate_counts_correct():

@@ -185,16 +185,22 @@ DESCRIBE = "list the items."
 reading order, which teaches a model to tie position words to image regions."""
 
 
-def describe(cells: np.ndarray, order: np.ndarray | None = None) -> str:
-    """The answer to :data:`DESCRIBE` for class ids ``cells [rows, cols]`` (-1 empty): each cell's position phrase
-    then its content, row-major (or in ``order``, a permutation of the row-major cell indices), e.g.
-    ``top left bag top center nothing ...``."""
+def describe_pairs(cells: np.ndarray, order: np.ndarray | None = None) -> list[tuple[str, str]]:
+    """``(position phrase, content)`` of every cell of class ids ``cells [rows, cols]`` (-1 empty, content
+    ``nothing``), row-major or in ``order`` (a permutation of the row-major cell indices): :func:`describe`'s parts."""
     pos = position_phrases(*cells.shape)
     flat = cells.reshape(-1).tolist()
     idx = range(len(flat)) if order is None else np.asarray(order).tolist()
     if sorted(idx) != list(range(len(flat))):
         raise ValueError(f"order must be a permutation of 0..{len(flat) - 1}, got {idx}")
-    return " ".join(f"{pos[i]} {CLASS_NAMES[flat[i]] if flat[i] >= 0 else NOTHING}" for i in idx)
+    return [(pos[i], CLASS_NAMES[flat[i]] if flat[i] >= 0 else NOTHING) for i in idx]
+
+
+def describe(cells: np.ndarray, order: np.ndarray | None = None) -> str:
+    """The answer to :data:`DESCRIBE` for class ids ``cells [rows, cols]`` (-1 empty): each cell's position phrase
+    then its content, row-major (or in ``order``, a permutation of the row-major cell indices), e.g.
+    ``top left bag top center nothing ...``."""
+    return " ".join(f"{where} {what}" for where, what in describe_pairs(cells, order))
 
 
 def answer_vocabulary(rows: int = 3, cols: int = 3) -> list[str]:

@@ -75,20 +75,18 @@ def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np.ndarray:
-    """Light augmentation of ``uint8 [n, 28, 28]``: random horizontal flip (p=0.5) and a random translation of up to
-    ``shift`` px (zero padding), per image, drawn from ``rng``."""
-    n, h, w = images.shape
+    """Light augmentation of ``uint8 [n, h, w, ...]`` (trailing channel axes allowed): random horizontal flip
+    (p=0.5) and a random translation of up to ``shift`` px (zero padding), per image, drawn from ``rng``."""
+    n, h, w = images.shape[:3]
     flip = rng.random(n) < 0.5
     dy = rng.integers(-shift, shift + 1, n)
     dx = rng.integers(-shift, shift + 1, n)
-    src = np.where(flip[:, None, None], images[:, :, ::-1], images)
-    padded = np.zeros((n, h + 2 * shift, w + 2 * shift), np.uint8)
+    src = np.where(flip.reshape(-1, *[1] * (images.ndim - 1)), images[:, :, ::-1], images)
+    padded = np.zeros((n, h + 2 * shift, w + 2 * shift, *images.shape[3:]), images.dtype)
     padded[:, shift:shift + h, shift:shift + w] = src
-    out = np.empty_like(images)
-    for i in range(n):
-        y0, x0 = shift + dy[i], shift + dx[i]
-        out[i] = padded[i, y0:y0 + h, x0:x0 + w]
-    return out
+    rows = (shift + dy)[:, None] + np.arange(h)                                  # [n, h]
+    cols = (shift + dx)[:, None] + np.arange(w)                                  # [n, w]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 @torch.no_grad()
