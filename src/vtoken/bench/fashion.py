@@ -181,8 +181,9 @@ def position_phrases(rows: int = 3, cols: int = 3) -> list[str]:
 
 
 DESCRIBE = "list the items."
-"""A training-only request (not a test question type): its answer, :func:`describe`, names every cell's content in
-reading order, which teaches a model to tie position words to image regions."""
+"""A training-only request (not a test question type): its answer, :func:`describe`, names every cell's content
+after its position phrase (in reading order or a given order), which teaches a model to tie position words to image
+regions."""
 
 
 def describe_pairs(cells: np.ndarray, order: np.ndarray | None = None) -> list[tuple[str, str]]:
