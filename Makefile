@@ -1,8 +1,9 @@
-# The two entry points of the README. Both create/reuse .venv and install everything first.
+# The two entry points of the README (bench, test). Both create/reuse .venv and install everything first, at the
+# exact versions of requirements/lock.txt.
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bench demo test lint bench-selection
+.PHONY: setup bench demo test lint bench-selection lock test-latest test-transformers
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +24,15 @@ test: setup
 
 bench-selection: setup
 	$(BIN)/python benchmarks/selection.py
+
+# regenerate requirements/lock.txt (the newest versions pyproject.toml allows, torch pinned)
+lock:
+	@bash scripts/lock.sh
+
+# the newest releases pyproject.toml allows, in .venv-latest: the model tests (run before every stop)
+test-latest:
+	@bash scripts/test_against.sh latest
+
+# one transformers release, e.g. make test-transformers TRANSFORMERS=5.16.0 (the whole suite, in .venv-5.16.0)
+test-transformers:
+	@bash scripts/test_against.sh $(TRANSFORMERS) tests

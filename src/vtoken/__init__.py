@@ -5,7 +5,7 @@ from __future__ import annotations
 from .api import methods, reduce
 from .core import SIGNALS, Reduction, resolve_keep
 from .methods import MethodInfo, get_method, register
-from .models import Handle, apply
+from .models import Handle, apply, handle_of
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "apply",
     "get_method",
+    "handle_of",
     "methods",
     "reduce",
     "register",

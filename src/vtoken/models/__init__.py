@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,13 +22,17 @@ from .vit import VitAdapter
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
                                  Qwen25VLAdapter, InternVLAdapter, Idefics3Adapter, VitAdapter]
 
-__all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter", "handle_of"]
 
 
 def find_adapter(model: Any) -> type[Adapter]:
     """The adapter class for ``model``; a ``TypeError`` listing the supported families otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        raise TypeError(f"model is a torch.compile wrapper ({type(model).__name__}) of {type(inner).__name__}: apply "
+                        "vtoken first, then compile: handle = vtoken.apply(model, ...); model = torch.compile(model)")
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls
@@ -56,6 +61,7 @@ def apply(model: nn.Module, method: str | Sequence[str | tuple[str, dict[str, An
         ``handle.last`` holds the reduction of the latest forward.
     """
     adapter_cls = find_adapter(model)
+    recipe = copy.deepcopy((method, keep, kwargs))  # to patch a deep copy the same way
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in adapter_cls.options}
     steps = build_steps(method, keep, kwargs)
     for step in steps:
@@ -63,10 +69,17 @@ def apply(model: nn.Module, method: str | Sequence[str | tuple[str, dict[str, An
         if why is not None:
             raise ValueError(f"method {step.info.name!r} cannot run on {type(model).__name__}: {why}")
     adapter = adapter_cls(model, steps, **options)
-    handle = Handle(model, adapter, steps)
+    handle = Handle(model, adapter, steps, recipe)
     try:
         adapter.attach(handle)
     except Exception:
         adapter.detach()
         raise
+    handle.guard()
     return handle
+
+
+def handle_of(model: nn.Module) -> Handle | None:
+    """The active :class:`Handle` patching ``model`` (e.g. a ``copy.deepcopy`` of a patched model), else ``None``."""
+    handle = model.__dict__.get("_vtoken_handle")
+    return handle if isinstance(handle, Handle) and handle.active else None

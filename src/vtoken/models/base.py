@@ -11,6 +11,7 @@ language model's decoder layers (:mod:`vtoken.models.llm`), after the pre-LLM st
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..core import Reduction, reduction_from_indices
 from ..methods import MethodInfo
 from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
+from .hf import cache_of, cached_length, padding_mask
 from .llm import LLM_SIGNALS, DecoderPruner
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
@@ -70,10 +72,17 @@ class Handle:
     image's visual tokens, one row per image), ``last.extras["steps"]`` the per-method reductions.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, steps: list[Step]) -> None:
+    #: what a patched model instance carries besides the adapter's own patches: ``copy.deepcopy`` gives a copy with
+    #: its own patch, ``pickle`` / ``torch.save`` explain what to save instead, and :func:`handle_of` finds the handle
+    GUARDS = ("__deepcopy__", "__reduce_ex__", "_vtoken_handle")
+
+    def __init__(self, model: nn.Module, adapter: Adapter, steps: list[Step],
+                 recipe: tuple[Any, Any, dict[str, Any]] | None = None) -> None:
         self.model = model
         self.adapter = adapter
         self.steps = steps
+        #: ``(method, keep, kwargs)`` as given to :func:`vtoken.apply` (to patch a copy the same way)
+        self.recipe = recipe
         self.last: Reduction | None = None
         self.active = False
 
@@ -85,9 +94,47 @@ class Handle:
         """Undo every patch on the model (idempotent)."""
         if self.active:
             self.adapter.detach()
+            for key in self.GUARDS:
+                self.model.__dict__.pop(key, None)
             self.active = False
 
+    def guard(self) -> None:
+        """After the adapter attached: make copies and pickling of the patched instance behave (see ``GUARDS``)."""
+        d = self.model.__dict__
+        d["__deepcopy__"] = self._deepcopy
+        d["__reduce_ex__"] = self._refuse_pickle
+        d["_vtoken_handle"] = self
+
+    def _deepcopy(self, memo: dict[int, Any]) -> nn.Module:
+        """``copy.deepcopy`` of the patched model: a copy of the unpatched model (its own weights), patched again with
+        the same methods; ``vtoken.handle_of(copy)`` is its handle."""
+        from . import apply
+
+        model = self.model
+        self.adapter.detach()
+        saved = {k: model.__dict__.pop(k) for k in self.GUARDS if k in model.__dict__}
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            model.__dict__.update(saved)
+            self.adapter.attach(self)
+        if self.recipe is None:
+            return clone
+        method, keep, kwargs = self.recipe
+        apply(clone, method, keep, **copy.deepcopy(kwargs))
+        return clone
+
+    def _refuse_pickle(self, protocol: int) -> Any:
+        raise TypeError(f"this {type(self.model).__name__} is patched by vtoken.apply ({self.methods}): the patch "
+                        "lives in this process, so the model cannot be pickled, saved whole (torch.save(model)) or "
+                        "shallow-copied (copy.copy). Save the weights instead (torch.save(model.state_dict(), path); "
+                        "vtoken never changes them) and vtoken.apply again after loading, or handle.remove() first; "
+                        "copy.deepcopy(model) works and patches the copy the same way")
+
     def __enter__(self) -> Handle:
+        if not self.active:
+            raise RuntimeError("this vtoken handle was removed (remove() or the end of its with block) and no longer "
+                               "patches the model; call vtoken.apply(...) again for a new one")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,10 +276,23 @@ class Adapter:
         """Original position ids of the prefill: the caller's, or what the language model would compute."""
         if kwargs.get("position_ids") is not None:
             return kwargs["position_ids"]
-        past = kwargs.get("past_key_values")
-        offset = past.get_seq_length() if past is not None else 0
+        offset = cached_length(cache_of(kwargs))
         b, length = input_ids.shape
         return (torch.arange(length, device=input_ids.device) + offset).expand(b, length)
+
+    def alone_positions(self, kw: dict[str, Any], attention_mask: Tensor | None, positions: Tensor,
+                        comp: Compaction) -> Tensor | None:
+        """Position ids each sample would get alone, in the compacted prefill, where they differ from the model's:
+        without caller ``position_ids`` a decoder numbers padded columns too, so a left-padded sample's positions
+        are offset. Attention is blind to the offset (RoPE is relative), but signals that read RoPE'd keys
+        themselves (their norms) are not; llm-stage signals use these positions (``None``: the model's are right)."""
+        if kw.get("position_ids") is not None or attention_mask is None or positions.dim() != 2:
+            return None
+        real = attention_mask.bool()
+        if bool(real.all()):
+            return None
+        alone = (real.long().cumsum(1) - 1).clamp(min=0) + positions[:, :1]
+        return comp.take(alone, fill=0)
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -245,6 +305,8 @@ class Adapter:
         kw.pop("mm_encoder_outputs", None)
         if kw.get(self.image_key()) is None:
             return self._original(**self.decode_inputs(kw))
+        if kw.get("input_ids") is not None:
+            kw["attention_mask"] = padding_mask(kw.get("attention_mask"), kw["input_ids"].shape[1])
         inputs = self.prefill_inputs(kw)
         if self.llm is None:
             return self._original(**inputs)
@@ -259,12 +321,13 @@ class Adapter:
         """Re-align a decode step's attention mask (original columns) to the compacted cache."""
         state = self._state
         mask = kw.get("attention_mask")
-        past = kw.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
+        past_len = cached_length(cache_of(kw))
         if past_len == 0:  # a new text-only prefill: the previous image prefill's layout no longer applies
             self._state = self._next_position = None
             if self.llm is not None:
                 self.llm.reset()
+            if self.handle is not None:
+                self.handle.last = None
             return kw
         if state is None:
             return kw
@@ -273,7 +336,12 @@ class Adapter:
         generated = past_len - state.new_length
         if generated < 0:
             return kw
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == state.length + generated + q:
+        if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
+            # a 4-D mask generate built ahead for a static cache: its padding columns follow the caller's prompt, not
+            # the compacted cache; the compacted prompt's padding mask and the generated tokens replace it
+            ones = torch.ones(state.attention_mask.shape[0], generated + q, dtype=torch.long, device=ids.device)
+            kw["attention_mask"] = torch.cat([state.attention_mask.to(ids.device), ones], dim=1)
+        elif isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == state.length + generated + q:
             kw["attention_mask"] = state.extend_mask(mask)
         if kw.get("position_ids") is None and self._next_position is not None:
             step = torch.arange(q, device=ids.device) + generated
@@ -318,6 +386,7 @@ class Adapter:
         attention_mask = kw.get("attention_mask")
         positions = self.positions(kw, input_ids)
         comp = compact(keep, attention_mask)
+        caller = kw
         removed = bool((comp.removed > 0).any())
         kw = {k: v for k, v in kw.items() if k not in (self.image_key(), "input_ids", "image_sizes")}
         kw["inputs_embeds"] = comp.take(embeds)
@@ -335,13 +404,14 @@ class Adapter:
             kw["labels"] = comp.take(kw["labels"], fill=-100)
         self._state = comp
         if self.llm is not None:
-            if kw.get("past_key_values") is not None and kw["past_key_values"].get_seq_length() > 0:
-                raise ValueError("past_key_values: llm-stage methods need the images in the first prefill (an empty "
-                                 "cache)")
+            if cached_length(cache_of(kw)) > 0:
+                raise ValueError("past_key_values / cache: llm-stage methods need the images in the first prefill "
+                                 "(an empty cache)")
             g = comp.gather
             visual = self.image_token_mask(input_ids) & keep
             visual = visual.gather(1, g.clamp(min=0)) & (g >= 0)
-            self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]))
+            self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]),
+                         self.alone_positions(caller, attention_mask, positions, comp))
         last = positions if pos_dim == 1 else positions.amax(0)
         self._next_position = last.amax(1) + 1
         return kw

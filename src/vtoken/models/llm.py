@@ -18,9 +18,13 @@ slot, ``-1`` on padding it added.
   attention mask of its layout (the model's full-length ones gathered / rebuilt once per layout; kept tokens keep
   their original positions, 1-D or M-RoPE, as the rotary rows are gathered). Its KV cache therefore holds only the
   kept tokens; layers before ``K`` hold every token.
-* **Decode.** The model still sizes its mask for layer 0's cache (every prompt token). Each pruned layer gets that
-  mask's columns of its own cache slots (padding slots masked) followed by the generated tokens' columns; without a
-  mask (SDPA, no padding) one is built only where the layer's layout has padding.
+* **Decode.** The model still sizes its mask for layer 0's cache (every prompt token). Each pruned layer gets its
+  own: its cache slots (padding masked), the generated tokens' columns as the model's mask has them, and the unused
+  columns of a static cache's pre-allocated buffer, masked.
+* **Masks.** Every mask vtoken builds is an additive float ``[B, 1, q, keys]`` in the hidden states' dtype, which
+  eager and SDPA (with or without grouped-query packing on one-token decode steps) read the same way; ``None`` only
+  where the model itself passed none and nothing needs masking. Cache lengths come from the cache object
+  (``get_seq_length(layer)``; :mod:`vtoken.models.hf` holds every such assumption about transformers).
 
 Only full-attention decoders with the ``sdpa`` or ``eager`` implementation are supported (other kernels take other
 mask formats); layers are called with the hidden states as their only positional argument, as transformers does.
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 
 from ..core import Reduction, check_mask, check_signal, gather_rows
 from ..ops.attention import attention_pagerank
+from .hf import attention_implementation, cache_of, cached_length, key_width, rotary
 from .pipeline import Step
 from .sequence import compact
 
@@ -129,49 +134,65 @@ class Layout:
         self._taken[key] = (x, out)
         return out
 
-    def prefill_mask(self, like: Any, impl: str, dtype: torch.dtype) -> Tensor | None:
-        """Causal + padding mask ``[B, 1, L', L']`` of this layout in the format of the model's own ``like`` (bool
-        for SDPA, additive float for eager); ``None`` when SDPA needs none. Added padding rows see themselves."""
-        fmt = "bool" if (like.dtype == torch.bool if isinstance(like, Tensor) else impl == "sdpa") else "float"
-        if fmt not in self._mask:
-            valid = self.valid
-            if impl == "sdpa" and like is None and bool(valid.all()):
-                self._mask[fmt] = None
-            else:
-                n = valid.shape[1]
-                eye = torch.eye(n, dtype=torch.bool, device=valid.device)
-                allowed = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
-                allowed = (allowed | (eye[None] & ~valid[:, :, None]))[:, None]
-                self._mask[fmt] = allowed if fmt == "bool" else _additive(allowed, dtype)
-        return self._mask[fmt]
+    def prefill_mask(self, like: Any, dtype: torch.dtype, width: int) -> Tensor | None:
+        """Causal + padding mask ``[B, 1, L', width]`` of this layout (additive, ``dtype``), ``width >= L'`` the
+        keys the layer attends over (a static cache's buffer is wider; its unused columns are masked). ``None``
+        where the model passed none (its kernel is causal by itself) and nothing needs masking. Added padding rows
+        see themselves."""
+        valid = self.valid
+        n = valid.shape[1]
+        if like is None and width == n and bool(valid.all()):
+            return None
+        key = ("prefill", dtype, width)
+        if key not in self._mask:
+            eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+            allowed = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
+            allowed = allowed | (eye[None] & ~valid[:, :, None])
+            self._mask[key] = additive(pad_columns(allowed[:, None], width), dtype)
+        return self._mask[key]
 
-    def decode_mask(self, like: Any, impl: str, dtype: torch.dtype, q: int, length0: int, cached: int) -> Any:
-        """The mask of a decode step for a layer of this layout: ``like`` (the model's, sized for layer 0's cache of
-        ``length0`` prompt slots) at this layout's slots, then the generated tokens' columns. ``cached``: this layer's
-        cache length before the step."""
+    def decode_mask(self, like: Any, dtype: torch.dtype, q: int, length0: int, cached: int, width: int) -> Any:
+        """The mask ``[B, 1, q, width]`` (additive, ``dtype``) of a decode step of ``q`` tokens for a layer of this
+        layout holding ``cached`` tokens before the step: its layout slots (padding masked), then the generated
+        tokens' columns as the model's own mask ``like`` (sized for layer 0's cache of ``length0`` prompt slots)
+        has them, causal where it has none, then the unused columns of a static cache's buffer."""
         b, n = self.cols.shape
         new = cached - n + q  # generated so far + this step
-        if like is None:
-            if bool(self.valid.all()):
-                return None
-            prefix = self.valid[:, None, None, :].expand(b, 1, q, n)
+        if like is None and width == n + new and bool(self.valid.all()):
+            return None
+        prefix = self.valid[:, None, None, :].expand(b, 1, q, n)
+        tail = allowed_of(like, b, q, length0, new)
+        if tail is None:
             j, r = torch.arange(new, device=self.cols.device), torch.arange(q, device=self.cols.device)
             tail = (j[None, :] <= new - q + r[:, None])[None, None].expand(b, 1, q, new)
-            allowed = torch.cat([prefix, tail], dim=-1)
-            return allowed if impl == "sdpa" else _additive(allowed, dtype)
-        if not isinstance(like, Tensor) or like.dim() != 4 or like.shape[-1] != length0 + new:
-            shape = getattr(like, "shape", like)
-            raise RuntimeError(f"vtoken: unexpected decode attention mask {shape} for a cache of {length0} prompt + "
-                               f"{new} new columns")
-        like = like.expand(b, *like.shape[1:])
-        idx = self.cols.clamp(min=0)[:, None, None, :].expand(b, like.shape[1], q, n)
-        prefix = like[..., :length0].gather(3, idx)
-        pad = (self.cols < 0)[:, None, None, :]
-        if like.dtype == torch.bool:
-            prefix = prefix & ~pad
-        else:
-            prefix = prefix.masked_fill(pad, torch.finfo(like.dtype).min)
-        return torch.cat([prefix, like[..., length0:]], dim=-1)
+        return additive(pad_columns(torch.cat([prefix, tail], dim=-1), width), dtype)
+
+
+def allowed_of(like: Any, b: int, q: int, start: int, count: int) -> Tensor | None:
+    """``[B, 1, q, count]`` bool: which of columns ``start:start + count`` the model's decode mask ``like`` (bool or
+    additive, ``[B or 1, heads or 1, q, >= start + count]``) allows; ``None`` when ``like`` is no such tensor."""
+    if not isinstance(like, Tensor) or like.dim() != 4 or like.shape[-2] != q or like.shape[-1] < start + count:
+        return None
+    cols = like[:, :1, :, start:start + count]
+    ok = cols if cols.dtype == torch.bool else cols > torch.finfo(cols.dtype).min / 2
+    return ok.expand(b, 1, q, count)
+
+
+def pad_columns(allowed: Tensor, width: int) -> Tensor:
+    """``allowed [..., W]`` bool with masked columns appended up to ``width``."""
+    extra = width - allowed.shape[-1]
+    if extra < 0:
+        raise RuntimeError(f"vtoken: a decoder layer attends over {width} keys, fewer than its {allowed.shape[-1]} "
+                           "cached and new tokens")
+    if extra == 0:
+        return allowed
+    return torch.cat([allowed, allowed.new_zeros(*allowed.shape[:-1], extra)], dim=-1)
+
+
+def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive float mask (0 where allowed, the dtype's lowest value elsewhere): eager and SDPA, with or
+    without grouped-query packing, read it the same way."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def source(info: Any) -> str:
@@ -183,10 +204,6 @@ def source(info: Any) -> str:
         if spec:
             return str(spec.get("layer", "previous"))
     return "previous"
-
-
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass
@@ -211,7 +228,7 @@ class DecoderPruner:
         self.layers = list(lm.layers)
         depth = len(self.layers)
         cfg = lm.config
-        self.impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        self.impl = attention_implementation(cfg)
         if self.impl not in SUPPORTED_ATTENTION:
             raise ValueError(f"llm-stage methods support attn_implementation in {SUPPORTED_ATTENTION}; this language "
                              f"model uses {self.impl!r} (load it with attn_implementation='sdpa')")
@@ -236,6 +253,7 @@ class DecoderPruner:
         self.cur: Layout | None = None
         self.records: list[dict[str, Any]] = []
         self.lengths: list[int] = []
+        self.signal_positions: Tensor | None = None
 
     # ---- patching ---------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -280,12 +298,15 @@ class DecoderPruner:
         self.layouts = {}
         self.cur = None
         self.embeds = None
+        self.signal_positions = None
 
-    def arm(self, visual: Tensor, valid: Tensor, images: Tensor) -> None:
+    def arm(self, visual: Tensor, valid: Tensor, images: Tensor, positions: Tensor | None = None) -> None:
         """Before a prefill: ``visual [B, L]`` the image placeholder columns (after the pre-LLM splice), ``valid
-        [B, L]`` real tokens, ``images [B]`` images per sample."""
+        [B, L]`` real tokens, ``images [B]`` images per sample; ``positions [B, L]`` the position ids each sample
+        would have alone, where they differ from the model's (the RoPE of the attention signals uses them)."""
         self.reset()
         self.visual, self.valid0, self.images = visual, valid, images
+        self.signal_positions = positions
         self.counts: dict[int, list[Tensor]] = {}
         self.records, self.lengths = [], []
         self.mode = "prefill"
@@ -309,10 +330,11 @@ class DecoderPruner:
         if self.mode == "decode":
             lay = self.layouts.get(i)
             if lay is not None:
-                past = kwargs.get("past_key_values")
-                cached = past.get_seq_length(i) if past is not None else lay.cols.shape[1]
-                kwargs["attention_mask"] = lay.decode_mask(kwargs.get("attention_mask"), self.impl, hidden.dtype,
-                                                           hidden.shape[1], self.visual.shape[1], cached)
+                cache, q = cache_of(kwargs), hidden.shape[1]
+                cached = cached_length(cache, i) if cache is not None else lay.cols.shape[1]
+                width = key_width(cache, i, q) if cache is not None else cached + q
+                kwargs["attention_mask"] = lay.decode_mask(kwargs.get("attention_mask"), hidden.dtype, q,
+                                                           self.visual.shape[1], cached, width)
             return original(hidden, **kwargs)
         if i == 0 and self.keep_embeds:
             self.embeds = hidden
@@ -321,15 +343,15 @@ class DecoderPruner:
                 hidden = self.prune(p, hidden, kwargs)
         lay = self.cur
         if lay is not None:
-            kwargs = self.sliced(lay, kwargs, hidden.dtype)
+            kwargs = self.sliced(i, lay, kwargs, hidden.dtype)
             self.layouts[i] = lay
         if i in self.capture_layers:
             self.store.setdefault(i, {})["rope"] = kwargs.get("position_embeddings")
         self.lengths.append(int(hidden.shape[1]))
         return original(hidden, **kwargs)
 
-    def sliced(self, lay: Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-        """The layer's keyword arguments for ``lay``: rotary rows, position ids and mask of its slots."""
+    def sliced(self, layer: int, lay: Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Decoder ``layer``'s keyword arguments for ``lay``: rotary rows, position ids and mask of its slots."""
         kw = dict(kwargs)
         length = self.visual.shape[1]
         pe = kw.get("position_embeddings")
@@ -338,7 +360,9 @@ class DecoderPruner:
         pos = kw.get("position_ids")
         if isinstance(pos, Tensor) and pos.shape[-1] == length:
             kw["position_ids"] = lay.take("position_ids", pos, -1)
-        kw["attention_mask"] = lay.prefill_mask(kw.get("attention_mask"), self.impl, dtype)
+        cache, n = cache_of(kw), lay.cols.shape[1]
+        width = key_width(cache, layer, n) if cache is not None else n
+        kw["attention_mask"] = lay.prefill_mask(kw.get("attention_mask"), dtype, width)
         return kw
 
     # ---- one pruning ------------------------------------------------------------------------------------------
@@ -451,13 +475,17 @@ class DecoderPruner:
         b, length = hidden.shape[:2]
         valid = lay.valid
         slots = torch.arange(length, device=hidden.device)
-        # instruction rows: real, non-visual tokens after the sample's last visual token (else its last token)
+        # the prompt's last real token (padding may sit on either side), and the instruction rows: real, non-visual
+        # tokens after the sample's last visual token (else that last token)
+        last = torch.where(valid, slots, -1).amax(1, keepdim=True).clamp(min=0)  # [B, 1]
         last_vis = torch.where(vis, slots, -1).amax(1)
         text = valid & ~vis & (slots[None, :] > last_vis[:, None])
-        text[:, -1] |= ~text.any(1)
+        text.scatter_(1, last, text.gather(1, last) | ~text.any(1, keepdim=True))
         tslot, tmask = order_first(text)
         if names & _NEEDS_QK:
             q_src, k_raw, rope, attn = self.qk(p, hidden, lay, kwargs)
+            if self.signal_positions is not None:  # each sample's own positions, not the padded batch's
+                rope = rotary(self.lm, hidden, take_seq(self.signal_positions, lay.cols, -1)) or rope
             hd = int(attn.head_dim)
             cos, sin = (t.float().expand(b, *t.shape[1:]) for t in rope)
             k = k_raw.reshape(b, length, -1, hd)
@@ -474,11 +502,10 @@ class DecoderPruner:
 
             scale = float(getattr(attn, "scaling", hd ** -0.5))
             if "llm_attn" in names:
-                last = torch.full((b, 1), length - 1, dtype=torch.long, device=hidden.device)
                 att = row_attention(queries(last), k, last, valid, scale)[:, 0]
                 out["llm_attn"] = gather_rows(att[..., None], order, vmask)[..., 0]
             if "llm_text_attn" in names:
-                rows = torch.where(tmask, tslot, length - 1)
+                rows = torch.where(tmask, tslot, last)
                 att = row_attention(queries(rows), k, rows, valid, scale)  # [B, T, L]
                 att = gather_rows(att.transpose(1, 2), order, vmask).transpose(1, 2)
                 out["llm_text_attn"] = att * tmask[..., None].float()

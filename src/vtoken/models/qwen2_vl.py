@@ -52,6 +52,7 @@ from ..core import Reduction
 from ..methods import MethodInfo
 from .base import CLS_SIGNALS, Adapter, Images
 from .capture import QKCapture, QKLayer
+from .hf import cache_of, cached_length
 from .pipeline import TOKEN_DIM, run_steps
 from .views import stack_reductions
 
@@ -297,8 +298,7 @@ class Qwen2VLAdapter(Adapter):
         ``get_rope_index`` on the original sequence (``[3, B, L]``; sets ``rope_deltas`` as the model does)."""
         if kw.get("position_ids") is not None:
             return kw["position_ids"]
-        past = kw.get("past_key_values")
-        if past is not None and past.get_seq_length() > 0:
+        if cached_length(cache_of(kw)) > 0:
             raise ValueError(f"{self.family} adapter: images after a non-empty cache need explicit position_ids "
                              "(generate passes them)")
         cfg = self.model.config

@@ -71,8 +71,22 @@ class VitAdapter(Adapter):
         super().__init__(model, steps)
         self.step = steps[0]
         self.knobs = dict(self.step.kwargs)
-        self.layers_knob = layers
+        self.layers_knob = self.check_layers(layers)
         self.schedule = schedule
+
+    def check_layers(self, layers: Any) -> Any:
+        """``layers``: ``None`` (the method's default), ``"all"`` or indices of this ViT's blocks (negative from the
+        end), checked here so that a wrong one fails at ``apply``."""
+        if layers is None or layers == "all":
+            return layers
+        n = len(self.blocks())
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise TypeError(f"layers must be 'all' or a non-empty list of block indices in [-{n}, {n}), got {layers!r}")
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(f"layers must hold block indices in [-{n}, {n}) (this ViT has {n} blocks), got "
+                                 f"{i!r} in {list(layers)!r}")
+        return list(layers)
 
     @classmethod
     def unsupported(cls, info: MethodInfo) -> str | None:

@@ -1,0 +1,173 @@
+"""``llm``-stage methods under the inputs serving code produces: both padding sides, with and without explicit
+``position_ids``, through ``forward`` and ``generate`` (invariant 3: a batch equals each sample alone), and static
+KV caches (``cache_implementation="static"``, the ``torch.compile`` route), under SDPA and eager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import vtoken
+from tests.models.contract import logits
+from tests.models.test_llm_stage import GEN, LAYERS, LLM, QWEN_GRIDS, QWEN_LENGTHS, method
+from tests.models.tiny import llava_inputs, tiny_llava
+from tests.models.tiny_qwen import qwen_inputs, sample_inputs, tiny_qwen2_vl
+
+Inputs = dict[str, torch.Tensor]
+
+
+def right_padded(inputs: Inputs) -> Inputs:
+    """The same prompts with their padding moved to the right."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # real columns first
+    out = dict(inputs)
+    out["input_ids"], out["attention_mask"] = ids.gather(1, order), mask.gather(1, order)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"].gather(1, order)
+    return out
+
+
+def with_positions(inputs: Inputs) -> Inputs:
+    """Explicit 1-D ``position_ids``: each sample's real tokens numbered from 0 (padding 0)."""
+    mask = inputs["attention_mask"]
+    return {**inputs, "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
+
+
+def alone(inputs: Inputs, b: int, per_sample: tuple[str, ...] = ("pixel_values",)) -> Inputs:
+    """Sample ``b`` alone, without padding (``position_ids`` renumbered the same way when the batch had them)."""
+    real = inputs["attention_mask"][b].bool()
+    out: Inputs = {"input_ids": inputs["input_ids"][b : b + 1, real]}
+    for key in per_sample:
+        out[key] = inputs[key][b : b + 1]
+    if "position_ids" in inputs:
+        out["position_ids"] = torch.arange(int(real.sum()))[None]
+    return out
+
+
+def last_real(x: torch.Tensor, mask: torch.Tensor, b: int, columns: torch.Tensor) -> torch.Tensor:
+    """Row ``b`` of the reduced output ``x [B, L', ...]`` at sample ``b``'s last real prompt column, whichever side
+    its padding is on (``columns [B, L']``: the prompt column of each output slot, ``handle.last.extras``)."""
+    last = int(torch.where(mask[b].bool(), torch.arange(mask.shape[1]), -1).max())
+    slot = (columns[b] == last).nonzero()
+    assert slot.numel() == 1, f"sample {b}'s last real token was dropped"
+    return x[b, int(slot[0, 0])]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava(lm_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def llava_eager():
+    return tiny_llava(attn="eager", lm_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def llava_in(llava):
+    return llava_inputs(llava, [(3, 5), (7, 1), (2, 2)])  # three lengths: padding on either side
+
+
+@pytest.mark.parametrize("positions", [False, True], ids=["no_position_ids", "position_ids"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", LLM)
+def test_forward_batch_equals_each_sample_for_both_padding_sides(llava, llava_in, name, side, positions):
+    inputs = right_padded(llava_in) if side == "right" else llava_in
+    inputs = with_positions(inputs) if positions else inputs
+    mask = inputs["attention_mask"]
+    with vtoken.apply(llava, method(name), keep=0.25) as handle:
+        batch = logits(llava, inputs)
+        kept, cols = handle.last.indices.clone(), handle.last.extras["llm"]["columns"]
+        for b in range(3):
+            one = logits(llava, alone(inputs, b))
+            torch.testing.assert_close(last_real(batch, mask, b, cols), one[0, -1], atol=2e-5, rtol=1e-4)
+            assert kept[b][kept[b] >= 0].tolist() == handle.last.indices[0].tolist(), f"sample {b} kept other tokens"
+
+
+@pytest.mark.parametrize("name", LLM)
+def test_qwen_right_padding_equals_each_sample(name):
+    """M-RoPE positions (``get_rope_index`` on a right-padded batch) and a right-padded sample's instruction rows."""
+    model, inputs = tiny_qwen2_vl(lm_layers=LAYERS), right_padded(qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS))
+    mask = inputs["attention_mask"]
+    with vtoken.apply(model, method(name), keep=0.5) as handle:
+        batch = logits(model, inputs)
+        kept, cols = handle.last.indices.clone(), handle.last.extras["llm"]["columns"]
+        for b in range(3):
+            got = logits(model, sample_inputs(inputs, b))
+            torch.testing.assert_close(last_real(batch, mask, b, cols), got[0, -1], atol=2e-5, rtol=1e-4)
+            assert kept[b][kept[b] >= 0].tolist() == handle.last.indices[0][handle.last.indices[0] >= 0].tolist()
+
+
+@pytest.mark.parametrize("name", LLM)
+def test_generate_with_left_padding_and_explicit_positions(llava, llava_in, name):
+    """``generate`` extends explicit position ids itself; a batch still equals each sample alone."""
+    opts = {**GEN, "return_dict_in_generate": True, "output_logits": True}
+    inputs = with_positions(llava_in)
+    n = GEN["max_new_tokens"]
+    with vtoken.apply(llava, method(name), keep=0.25):
+        batch = llava.generate(**inputs, **opts)
+        for b in range(3):
+            one = llava.generate(**alone(inputs, b), **opts)
+            assert torch.equal(batch.sequences[b, -n:], one.sequences[0, -n:])
+            for step_b, step_1 in zip(batch.logits, one.logits, strict=True):
+                torch.testing.assert_close(step_b[b], step_1[0], atol=2e-5, rtol=1e-4)
+
+
+def _generate(model: Any, inputs: Inputs, **kw: Any) -> Any:
+    return model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True, **kw)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", [*LLM, "divprune"])
+def test_static_cache_generates_what_the_dynamic_cache_does(llava, llava_eager, llava_in, name, attn):
+    """``cache_implementation="static"`` (a pre-allocated buffer per layer, as ``torch.compile`` needs): the same
+    tokens and logits as the default dynamic cache, left padding and per-sample kept counts included."""
+    model = llava if attn == "sdpa" else llava_eager
+    with vtoken.apply(model, method(name), keep=0.25):
+        dynamic = _generate(model, llava_in)
+        static = _generate(model, llava_in, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_static_cache_on_qwen_with_mrope():
+    model, inputs = tiny_qwen2_vl(lm_layers=LAYERS), qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS)
+    with vtoken.apply(model, "pdrop", keep=0.5):
+        dynamic = _generate(model, inputs)
+        static = _generate(model, inputs, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_the_transformers_surface_reads_either_cache_keyword_and_static_buffers():
+    """``vtoken.models.hf``: the cache under ``cache`` (transformers >= 5.24) or ``past_key_values``; a static cache's
+    key width is its buffer; a model-built 4-D mask gives back the padding mask."""
+    from transformers import DynamicCache
+
+    from vtoken.models.hf import cache_of, cached_length, key_width, padding_mask
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
+    for key in ("cache", "past_key_values"):
+        assert cache_of({key: cache}) is cache
+    assert cache_of({}) is None and cached_length(None) == 0
+    assert cached_length(cache) == 5 and key_width(cache, 0, 1) == 6
+
+    class Static:
+        layers = (type("Layer", (), {"max_cache_len": 32})(),)
+
+        def get_seq_length(self, layer: int = 0) -> int:
+            return 7
+
+    assert key_width(Static(), 0, 1) == 32
+    pad = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    allowed = torch.ones(4, 6, dtype=torch.bool).tril()[None, None] & torch.cat([pad, torch.ones(2, 2)], 1).bool()[
+        :, None, None, :]
+    for mask in (allowed, {"full_attention": allowed},
+                 torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)):
+        assert torch.equal(padding_mask(mask, 4), pad)
+    assert padding_mask(pad, 4) is pad
