@@ -233,3 +233,74 @@ def check_errors(model: nn.Module, inputs: Inputs, rejected: Sequence[Rejected],
             model(**call)
     assert_unpatched(model, hooks)
     assert torch.equal(logits(model, inputs), ref)
+
+
+# ---- padding sides -------------------------------------------------------------------------------------------
+
+
+def right_padded(inputs: Inputs) -> Inputs:
+    """The same prompts with their padding moved to the right (per-token inputs moved along)."""
+    mask = inputs["attention_mask"]
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # real columns first
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            out[key] = inputs[key].gather(1, order)
+    return out
+
+
+def with_positions(inputs: Inputs) -> Inputs:
+    """Explicit 1-D ``position_ids``: each sample's real tokens numbered from 0 (padding 0)."""
+    return {**inputs, "position_ids": (inputs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)}
+
+
+def at_last_real(x: Tensor, mask: Tensor, b: int, columns: Tensor) -> Tensor:
+    """Row ``b`` of an output ``x [B, L', ...]`` at sample ``b``'s last real prompt column, whichever side its padding
+    is on; ``columns [B, L']`` maps output slots to prompt columns (``handle.last.extras["llm"]["columns"]``)."""
+    last = int(torch.where(mask[b].bool(), torch.arange(mask.shape[1]), -1).max())
+    slot = (columns[b] == last).nonzero()
+    assert slot.numel() == 1, f"sample {b}'s last real token was dropped"
+    return x[b, int(slot[0, 0])]
+
+
+def check_padding_sides(model: nn.Module, inputs: Inputs, method: Any, keep: int | float,
+                        alone: Callable[[Inputs, int], Inputs], positions: bool = True,
+                        max_new_tokens: int = 3) -> None:
+    """Invariant 3 for an ``llm``-stage ``method`` on a left-padded batch ``inputs`` and the same prompts right-padded,
+    with and without explicit ``position_ids`` (``positions``: the family takes 1-D ones), through ``forward`` (the
+    last real token's logits, the kept indices) and ``generate``. ``alone(inputs, b)`` is sample ``b`` alone, without
+    padding. transformers itself numbers a right-padded prompt's generated tokens from its padding, so there
+    ``generate`` must agree only where the unpatched model's batch agrees with its samples."""
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "return_dict_in_generate": True,
+           "output_logits": True}
+    n = inputs["input_ids"].shape[0]
+    variants = [(side, pos) for side in ("left", "right") for pos in ((False, True) if positions else (False,))]
+    for side, pos in variants:
+        batch_in = right_padded(inputs) if side == "right" else inputs
+        batch_in = with_positions(batch_in) if pos else batch_in
+        mask = batch_in["attention_mask"]
+        where = f"{side} padding, {'explicit' if pos else 'no'} position_ids"
+        if side == "right" and not pos:  # what the unpatched model's own generate gets right
+            ref = model.generate(**batch_in, **gen).sequences[:, -max_new_tokens:]
+            fine = [torch.equal(ref[b], model.generate(**alone(batch_in, b), **gen).sequences[0, -max_new_tokens:])
+                    for b in range(n)]
+        with vtoken.apply(model, method, keep=keep) as handle:
+            out = logits(model, batch_in)
+            kept = handle.last.indices.clone()
+            cols = handle.last.extras["llm"]["columns"]  # llm-stage methods: prompt column of each output slot
+            last_logits = [at_last_real(out, mask, b, cols) for b in range(n)]
+            singles = [alone(batch_in, b) for b in range(n)]
+            for b in range(n):
+                one = logits(model, singles[b])
+                torch.testing.assert_close(last_logits[b], one[0, -1], atol=2e-5, rtol=1e-4, msg=where)
+                assert kept[b][kept[b] >= 0].tolist() == kept_rows(handle.last.indices)[0], where
+            if pos and side == "right":
+                continue  # generate extends explicit position ids from the last column, a right pad
+            batch = model.generate(**batch_in, **gen)
+            for b in range(n):
+                if side == "right" and not fine[b]:
+                    continue
+                one = model.generate(**singles[b], **gen)
+                assert torch.equal(batch.sequences[b, -max_new_tokens:], one.sequences[0, -max_new_tokens:]), where
+                for step_b, step_1 in zip(batch.logits, one.logits, strict=True):
+                    torch.testing.assert_close(step_b[b], step_1[0], atol=2e-5, rtol=1e-4, msg=where)

@@ -1,6 +1,6 @@
 """``llm``-stage methods under the inputs serving code produces: both padding sides, with and without explicit
-``position_ids``, through ``forward`` and ``generate`` (invariant 3: a batch equals each sample alone), and static
-KV caches (``cache_implementation="static"``, the ``torch.compile`` route), under SDPA and eager."""
+``position_ids``, through ``forward`` and ``generate`` (invariant 3, ``contract.check_padding_sides``), and static KV
+caches (``cache_implementation="static"``, the ``torch.compile`` route), under SDPA and eager."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtoken
-from tests.models.contract import logits
+from tests.models import contract
 from tests.models.test_llm_stage import GEN, LAYERS, LLM, QWEN_GRIDS, QWEN_LENGTHS, method
 from tests.models.tiny import llava_inputs, tiny_llava
 from tests.models.tiny_qwen import qwen_inputs, sample_inputs, tiny_qwen2_vl
@@ -18,41 +18,13 @@ from tests.models.tiny_qwen import qwen_inputs, sample_inputs, tiny_qwen2_vl
 Inputs = dict[str, torch.Tensor]
 
 
-def right_padded(inputs: Inputs) -> Inputs:
-    """The same prompts with their padding moved to the right."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # real columns first
-    out = dict(inputs)
-    out["input_ids"], out["attention_mask"] = ids.gather(1, order), mask.gather(1, order)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"].gather(1, order)
-    return out
-
-
-def with_positions(inputs: Inputs) -> Inputs:
-    """Explicit 1-D ``position_ids``: each sample's real tokens numbered from 0 (padding 0)."""
-    mask = inputs["attention_mask"]
-    return {**inputs, "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
-
-
-def alone(inputs: Inputs, b: int, per_sample: tuple[str, ...] = ("pixel_values",)) -> Inputs:
-    """Sample ``b`` alone, without padding (``position_ids`` renumbered the same way when the batch had them)."""
+def alone(inputs: Inputs, b: int) -> Inputs:
+    """LLaVA sample ``b`` alone, without padding (``position_ids`` renumbered the same way when the batch had them)."""
     real = inputs["attention_mask"][b].bool()
-    out: Inputs = {"input_ids": inputs["input_ids"][b : b + 1, real]}
-    for key in per_sample:
-        out[key] = inputs[key][b : b + 1]
+    out: Inputs = {"input_ids": inputs["input_ids"][b : b + 1, real], "pixel_values": inputs["pixel_values"][b : b + 1]}
     if "position_ids" in inputs:
         out["position_ids"] = torch.arange(int(real.sum()))[None]
     return out
-
-
-def last_real(x: torch.Tensor, mask: torch.Tensor, b: int, columns: torch.Tensor) -> torch.Tensor:
-    """Row ``b`` of the reduced output ``x [B, L', ...]`` at sample ``b``'s last real prompt column, whichever side
-    its padding is on (``columns [B, L']``: the prompt column of each output slot, ``handle.last.extras``)."""
-    last = int(torch.where(mask[b].bool(), torch.arange(mask.shape[1]), -1).max())
-    slot = (columns[b] == last).nonzero()
-    assert slot.numel() == 1, f"sample {b}'s last real token was dropped"
-    return x[b, int(slot[0, 0])]
 
 
 @pytest.fixture(scope="module")
@@ -70,49 +42,17 @@ def llava_in(llava):
     return llava_inputs(llava, [(3, 5), (7, 1), (2, 2)])  # three lengths: padding on either side
 
 
-@pytest.mark.parametrize("positions", [False, True], ids=["no_position_ids", "position_ids"])
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", LLM)
-def test_forward_batch_equals_each_sample_for_both_padding_sides(llava, llava_in, name, side, positions):
-    inputs = right_padded(llava_in) if side == "right" else llava_in
-    inputs = with_positions(inputs) if positions else inputs
-    mask = inputs["attention_mask"]
-    with vtoken.apply(llava, method(name), keep=0.25) as handle:
-        batch = logits(llava, inputs)
-        kept, cols = handle.last.indices.clone(), handle.last.extras["llm"]["columns"]
-        for b in range(3):
-            one = logits(llava, alone(inputs, b))
-            torch.testing.assert_close(last_real(batch, mask, b, cols), one[0, -1], atol=2e-5, rtol=1e-4)
-            assert kept[b][kept[b] >= 0].tolist() == handle.last.indices[0].tolist(), f"sample {b} kept other tokens"
+def test_batch_equals_each_sample_for_both_padding_sides(llava, llava_in, name):
+    contract.check_padding_sides(llava, llava_in, method(name), 0.25, alone)
 
 
 @pytest.mark.parametrize("name", LLM)
-def test_qwen_right_padding_equals_each_sample(name):
-    """M-RoPE positions (``get_rope_index`` on a right-padded batch) and a right-padded sample's instruction rows."""
-    model, inputs = tiny_qwen2_vl(lm_layers=LAYERS), right_padded(qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS))
-    mask = inputs["attention_mask"]
-    with vtoken.apply(model, method(name), keep=0.5) as handle:
-        batch = logits(model, inputs)
-        kept, cols = handle.last.indices.clone(), handle.last.extras["llm"]["columns"]
-        for b in range(3):
-            got = logits(model, sample_inputs(inputs, b))
-            torch.testing.assert_close(last_real(batch, mask, b, cols), got[0, -1], atol=2e-5, rtol=1e-4)
-            assert kept[b][kept[b] >= 0].tolist() == handle.last.indices[0][handle.last.indices[0] >= 0].tolist()
-
-
-@pytest.mark.parametrize("name", LLM)
-def test_generate_with_left_padding_and_explicit_positions(llava, llava_in, name):
-    """``generate`` extends explicit position ids itself; a batch still equals each sample alone."""
-    opts = {**GEN, "return_dict_in_generate": True, "output_logits": True}
-    inputs = with_positions(llava_in)
-    n = GEN["max_new_tokens"]
-    with vtoken.apply(llava, method(name), keep=0.25):
-        batch = llava.generate(**inputs, **opts)
-        for b in range(3):
-            one = llava.generate(**alone(inputs, b), **opts)
-            assert torch.equal(batch.sequences[b, -n:], one.sequences[0, -n:])
-            for step_b, step_1 in zip(batch.logits, one.logits, strict=True):
-                torch.testing.assert_close(step_b[b], step_1[0], atol=2e-5, rtol=1e-4)
+def test_qwen_batch_equals_each_sample_for_both_padding_sides(name):
+    """M-RoPE positions (``get_rope_index`` on either padding side) and a right-padded sample's instruction rows."""
+    model = tiny_qwen2_vl(lm_layers=LAYERS)
+    contract.check_padding_sides(model, qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS), method(name), 0.5, sample_inputs,
+                                 positions=False)
 
 
 def _generate(model: Any, inputs: Inputs, **kw: Any) -> Any:
