@@ -77,7 +77,9 @@ def test_llm_flops_match_torch_flop_counter():
     ids = torch.randint(0, 100, (3, 10))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(ids)
-    assert counter.get_total_flops() == cost.llm_prefill_flops(cfg, 10, 3, causal=False, logits=None)
+    # some transformers releases build the rotary table with a (tiny) matmul: not part of the per-token cost
+    rotary = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("rotary_emb"))
+    assert counter.get_total_flops() - rotary == cost.llm_prefill_flops(cfg, 10, 3, causal=False, logits=None)
 
 
 def test_vit_and_projector_flops():

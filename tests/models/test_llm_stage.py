@@ -173,7 +173,7 @@ def layerwise(model: Any, embeds: torch.Tensor, positions: torch.Tensor,
         if i in stages:
             sel = torch.searchsorted(cols, stages[i])
             assert torch.equal(cols[sel], stages[i])
-            hidden, cos, sin, cols = hidden[:, sel], cos[:, sel], sin[:, sel], stages[i]
+            hidden, cos, sin, cols = hidden[:, sel], cos[..., sel, :], sin[..., sel, :], stages[i]  # [(3,) 1, L, d]
         hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=None)
     return model.lm_head(lm.norm(hidden))
 

@@ -84,3 +84,18 @@ def rotary(lm: nn.Module, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tens
         return None
     cos, sin = emb(x, position_ids)
     return cos, sin
+
+
+def flat_rotary(table: Tensor, attn: nn.Module) -> Tensor:
+    """A rotary table ``[B, L, d]`` from what a decoder layer receives: already that, or (transformers before the
+    M-RoPE sections moved into the rotary module) ``[3, B, L, d]`` per axis, folded here as the attention would
+    (the ``mrope_section`` of its config: section ``i`` of the channel halves takes axis ``i % 3``)."""
+    if table.dim() != 4:
+        return table
+    params = getattr(getattr(attn, "config", None), "rope_parameters", None) or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    if not section:
+        raise RuntimeError(f"vtoken: a per-axis rotary table {tuple(table.shape)} without an mrope_section in the "
+                           "attention's config")
+    parts = table.split(list(section) * 2, dim=-1)
+    return torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)

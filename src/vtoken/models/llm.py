@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..core import Reduction, check_mask, check_signal, gather_rows
 from ..ops.attention import attention_pagerank
-from .hf import attention_implementation, cache_of, cached_length, key_width, rotary
+from .hf import attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
 from .sequence import compact
 
@@ -487,7 +487,8 @@ class DecoderPruner:
             if self.signal_positions is not None:  # each sample's own positions, not the padded batch's
                 rope = rotary(self.lm, hidden, take_seq(self.signal_positions, lay.cols, -1)) or rope
             hd = int(attn.head_dim)
-            cos, sin = (t.float().expand(b, *t.shape[1:]) for t in rope)
+            cos, sin = (flat_rotary(t, attn).float() for t in rope)
+            cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
             k = k_raw.reshape(b, length, -1, hd)
             if hasattr(attn, "k_norm"):
                 k = attn.k_norm(k)
