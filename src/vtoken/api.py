@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .core import SIGNALS, Reduction, check_mask, check_signal, check_tokens, identity_reduction, resolve_keep
+from .core import SIGNALS, Reduction, check_mask, check_signals, check_tokens, identity_reduction, resolve_keep
 from .methods import MethodInfo, all_methods, get_method
 
 
@@ -21,16 +21,27 @@ def reduce(tokens: Tensor, keep: int | float | None = None, method: str = "divpr
     """Reduce ``tokens [B, N, D]`` to ``keep`` tokens per sample with ``method``.
 
     Args:
-        tokens: ``[B, N, D]`` floating tensor (fp32, fp16 or bf16).
-        keep: an ``int >= 1`` (tokens per sample) or a ``float`` in ``(0, 1]`` (ratio of each sample's count, rounded
-            half-up, at least 1). ``keep >= N`` returns every token unchanged.
+        tokens: ``[B, N, D]`` floating tensor (float64, float32, float16 or bfloat16). Scores are computed in float64
+            for float64 tokens and in float32 otherwise (floating signals are cast to that dtype, whatever their
+            own); the output tokens keep the tokens' dtype.
+        keep: an ``int >= 1`` (tokens per sample, clipped to the tokens available) or a ``float`` in ``(0, 1]``
+            (ratio of each sample's count, rounded half-up, at least 1). ``keep >= N`` returns every token unchanged.
+            Bools are rejected; a one-element tensor or NumPy scalar counts as its value.
         method: a registered name (see :func:`methods` or ``vtoken methods``).
-        mask: optional ``[B, N]`` bool, True on real tokens of padded, variable-length inputs.
-        **kwargs: the method's signals (names in :data:`vtoken.core.SIGNALS`) and its own knobs.
+        mask: optional ``[B, N]`` bool (or 0/1), True on real tokens of padded, variable-length inputs.
+        **kwargs: the method's signals (names and full shapes in :data:`vtoken.core.SIGNALS` and
+            :data:`vtoken.core.SIGNAL_SHAPES`) and its own knobs (type- and range-checked before the method runs,
+            see :func:`vtoken.methods.registry.check_knobs`).
 
     Returns:
         A :class:`~vtoken.core.Reduction` (``tokens``, ascending ``indices``, ``mask``, ``assign`` for merges).
     """
+    if not isinstance(method, str):
+        hint = ("; vtoken.reduce runs one method: pass keep and knobs as arguments, e.g. "
+                "vtoken.reduce(tokens, 8, 'divprune') (lists of methods are for vtoken.apply)"
+                if isinstance(method, (tuple, list)) else "")
+        raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()), "
+                        f"got {method!r}{hint}")
     info = get_method(method)
     tokens = check_tokens(tokens)
     mask = check_mask(mask, tokens)
@@ -40,12 +51,12 @@ def reduce(tokens: Tensor, keep: int | float | None = None, method: str = "divpr
         if key not in params and not accepts_any:
             allowed = sorted(set(info.signals) | set(info.optional_signals) | set(info.defaults))
             raise TypeError(f"method {info.name!r} got an unexpected argument {key!r}; it accepts: {allowed}")
+    kwargs.update(info.check_knobs({k: v for k, v in kwargs.items() if k not in SIGNALS}))
     for name in info.signals:
         if kwargs.get(name) is None:
             raise ValueError(f"method {info.name!r} needs the signal {name!r}: {SIGNALS[name]}")
-    for name in (*info.signals, *info.optional_signals):
-        if kwargs.get(name) is not None:
-            kwargs[name] = check_signal(name, kwargs[name], tokens, info.name)
+    kwargs.update(check_signals({k: kwargs[k] for k in (*info.signals, *info.optional_signals)
+                                 if kwargs.get(k) is not None}, tokens, info.name))
     if not info.needs_keep:
         if keep is not None:
             raise ValueError(f"method {info.name!r} sets its own output count; pass keep=None")

@@ -1,28 +1,90 @@
 """The ``vtoken`` command line: ``methods`` lists the registry, ``bench`` measures methods x budgets on a VLM,
 ``show`` draws the tokens a method keeps, ``demo`` reduces a sample image's pixel patches, ``train-micro`` trains the
-bundled micro models."""
+bundled micro models.
+
+Bad input (an unknown method, a budget out of range, a missing model folder, an unwritable ``--out``) is found before
+any model loads and ends the command with one line, ``vtoken: error: ...``, on stderr and exit status 2. Anything
+else is a bug and keeps its traceback; ``VTOKEN_DEBUG=1`` shows the traceback of input errors too."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from .methods import STAGES, all_methods
+from .bench.errors import UsageError, user_input
+from .methods import STAGES, all_methods, get_method
+
+#: exit status of bad input (argparse's convention)
+USAGE_EXIT = 2
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and runs of blanks) folded into single spaces."""
+    return " ".join(str(text).split())
 
 
 def parse_keep(text: str) -> int | float:
-    """``"64"`` -> 64 (a count), ``"0.25"`` -> 0.25 (a ratio)."""
+    """``"64"`` -> 64 (a count), ``"0.25"`` or ``"25%"`` -> 0.25 (a ratio); anything else is an argparse error."""
+    from .bench.run import parse_keep as parse_budget
+
     try:
-        return int(text)
+        value = parse_budget(text)
     except ValueError:
-        pass
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"keep {text!r}: use an int count >= 1, a ratio in (0, 1] or a "
+                                         "percentage")
+    return value
+
+
+def parse_budget(text: str) -> str:
+    """A ``vtoken bench --keep`` label, checked (``'all'``, a count, a ratio or a percentage) and returned as given."""
+    from .bench.run import parse_keep as parse_bench_keep
+
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep must be an int count or a float ratio, got {text!r}") from None
+        parse_bench_keep(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def method_name(text: str) -> str:
+    """A registered method's name (``-`` and case normalised); an argparse error listing the known names otherwise."""
+    try:
+        return get_method(text).name
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``vtoken: error: ...`` (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_EXIT, f"vtoken: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 def _console():
@@ -61,13 +123,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .bench.demo import run_demo
-    from .bench.images import SAMPLES, sample_path
+    from .bench.demo import run_demo, select_methods
+    from .bench.images import SAMPLES, open_rgb, sample_path
+    from .bench.run import writable_dir
 
     image = sample_path(args.image) if args.image in SAMPLES else Path(args.image)
     if not image.is_file():
-        raise SystemExit(f"error: --image {args.image!r} is neither a bundled sample ({', '.join(SAMPLES)}) nor a file")
-    rows = run_demo(image, keep=args.keep, methods=args.methods, out_dir=args.out)
+        raise UsageError(f"--image {args.image!r} is neither a bundled sample ({', '.join(SAMPLES)}) nor a file")
+    with user_input("--image"):
+        open_rgb(image)
+    with user_input("--methods"):
+        select_methods(args.methods)
+    if args.out:
+        writable_dir(args.out)
+    rows = run_demo(image, keep=args.keep, methods=args.methods, out_dir=args.out or None)
     table = Table(title=f"{image.name}: 576 pixel-patch tokens (24x24), keep={args.keep}")
     for col in ("method", "stage", "kept", "ms", "PSNR dB", "note"):
         table.add_column(col)
@@ -75,6 +144,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         table.add_row(r.method, r.stage, str(r.kept), f"{r.ms:.1f}", f"{r.psnr:.2f}", r.note)
     con = _console()
     con.print(table)
+    ran = [r for r in rows if not r.note.startswith("skipped")]
+    if not ran:
+        _error(f"no method ran at keep={args.keep}: " + "; ".join(f"{r.method}: {r.note}" for r in rows))
+        return 1
     con.print("Signals a model would give (CLS attention, keys, text) are synthetic stand-ins; PSNR of the image "
               "rebuilt from the kept tokens.")
     if args.out:
@@ -88,32 +161,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = run_bench(args.model, methods=args.methods, keeps=args.keep, limit=args.limit,
                        batch_size=args.batch_size, repeats=args.repeats, out_dir=args.out, overlays=args.overlays,
-                       progress=not args.no_progress, device=args.device)
+                       progress=not args.no_progress, device=args.device, allow_download=args.allow_download,
+                       resume=not args.fresh)
+    rows = report["rows"]
+    failed = [r for r in rows[1:] if r.get("error")]
     if report.get("files"):  # rank 0 under torchrun
         _console().print(markdown_table(report), markup=False)
-        _console().print(f"{report['questions']} questions, {len(report['rows'])} configurations in "
+        _console().print(f"{report['questions']} questions, {len(rows)} configurations in "
                          f"{report['seconds']:.0f}s; report in {args.out}")
-    return 0
+        if failed and len(failed) == len(rows) - 1:
+            _error("no requested configuration ran: " + "; ".join(
+                f"{r['method']}@{r['keep']}: {r['error']}" for r in failed))
+    return 1 if failed and len(failed) == len(rows) - 1 else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .bench.show import show
 
-    path = show(args.image, args.method, args.keep, model_path=args.model, question=args.question, out=args.out)
+    path = show(args.image, args.method, args.keep, model_path=args.model, question=args.question, out=args.out,
+                allow_download=args.allow_download)
     print(path)
     return 0
 
 
 def cmd_train_micro(args: argparse.Namespace) -> int:
+    from .bench.run import check_device
     from .bench.train_micro import train_micro
 
+    check_device(args.device)
     train_micro(args.out, seed=args.seed, root=args.root, device=args.device, install=args.install,
                 only=args.only, resume=not args.no_resume)
     return 0
 
 
+_DOWNLOAD_HELP = ("let --model be a Hugging Face hub id, downloaded if not cached (default: only a local folder, "
+                  "no network access)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vtoken", description="Training-free visual-token reduction.")
+    p = _Parser(prog="vtoken", description="Training-free visual-token reduction.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("methods", help="list every method with paper, stage, signals and parity status")
     m.add_argument("--stage", choices=STAGES, help="only methods of this stage")
@@ -121,31 +207,43 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
     d = sub.add_parser("demo", help="reduce the pixel-patch tokens of a sample image with every method")
     d.add_argument("--image", default="astronaut", help="a bundled sample name or an image path")
-    d.add_argument("--keep", type=parse_keep, default=64, help="tokens to keep: int count or float ratio")
-    d.add_argument("--methods", nargs="+", help="method names (default: all)")
-    d.add_argument("--out", default="out/demo", help="folder for overlays.png")
+    d.add_argument("--keep", type=parse_keep, default=64,
+                   help="tokens to keep: an int count >= 1, a ratio in (0, 1] or a percentage")
+    d.add_argument("--methods", nargs="+", type=method_name, help="method names (default: all)")
+    d.add_argument("--out", default="out/demo", help="folder for overlays.png ('': none)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="accuracy, latency, FLOPs and KV cache of methods x budgets on a VLM "
                                      "(default: the bundled micro LLaVA on Fashion collage VQA)")
-    b.add_argument("--model", default=None, help="a Hugging Face image-text-to-text model path (default: bundled)")
-    b.add_argument("--methods", nargs="+", help="method names (default: every method the model runs)")
-    b.add_argument("--keep", nargs="+", default=["all", "0.5", "0.25", "0.11"],
+    b.add_argument("--model", default=None, help="a local Hugging Face image-text-to-text model folder "
+                                                 "(default: bundled)")
+    b.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
+    b.add_argument("--methods", nargs="+", type=method_name,
+                   help="method names (default: every method the model runs)")
+    b.add_argument("--keep", nargs="+", type=parse_budget, default=["all", "0.5", "0.25", "0.11"],
                    help="budgets: 'all', int counts, ratios or percentages (default: all 0.5 0.25 0.11)")
-    b.add_argument("--limit", type=int, default=None, help="only the first N test questions")
-    b.add_argument("--batch-size", type=int, default=50)
-    b.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median)")
-    b.add_argument("--overlays", type=int, default=3, help="example images in the overlay sheets (0: none)")
-    b.add_argument("--out", default="out/bench", help="report folder")
+    b.add_argument("--limit", type=positive_int, default=None, help="only the first N test questions")
+    b.add_argument("--batch-size", type=positive_int, default=50)
+    b.add_argument("--repeats", type=positive_int, default=3, help="timed prefill repeats (median)")
+    b.add_argument("--overlays", type=non_negative_int, default=3,
+                   help="example images in the overlay sheets (0: none)")
+    b.add_argument("--out", default="out/bench", help="report folder; finished configurations go to "
+                                                      "partial.jsonl there as they finish")
+    b.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
+                   help="recompute every configuration (default: reuse those partial.jsonl in --out holds for the "
+                        "same model, data and settings)")
     b.add_argument("--device", default=None, help="torch device (default: the model's, CPU)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
     s = sub.add_parser("show", help="write an overlay PNG of the visual tokens a method keeps on an image")
     s.add_argument("image", help="an image file")
-    s.add_argument("--method", required=True)
-    s.add_argument("--keep", type=parse_keep, required=True, help="int count or float ratio")
-    s.add_argument("--model", default=None, help="a Hugging Face VLM path (default: the bundled micro LLaVA)")
+    s.add_argument("--method", required=True, type=method_name)
+    s.add_argument("--keep", type=parse_keep, required=True,
+                   help="an int count >= 1, a ratio in (0, 1] or a percentage")
+    s.add_argument("--model", default=None, help="a local Hugging Face VLM folder (default: the bundled micro LLaVA)")
+    s.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
     s.add_argument("--question", default="what is in the middle center?", help="the prompt's question")
-    s.add_argument("--out", default=None, help="output PNG (default: <image>_<method>_<keep>.png in out/show)")
+    s.add_argument("--out", default=None, help="output image, .png (or .jpg, .webp, ...) (default: "
+                                               "<image>_<method>_<keep>.png in out/show)")
     s.set_defaults(func=cmd_show)
     t = sub.add_parser("train-micro", help="train the micro ViT and micro LLaVA (seeded, resumable)")
     t.add_argument("--out", default="out/micro", help="run folder (checkpoints, models, metrics)")
@@ -159,10 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> None:
+    print(f"vtoken: error: {one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input -> one ``vtoken: error: ...`` line on stderr and exit status 2 (argparse errors
+    included, which exit through ``SystemExit(2)``)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    debug = os.environ.get("VTOKEN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    try:
+        return int(args.func(args))
+    except (UsageError, FileNotFoundError) as err:
+        if debug:
+            raise
+        _error(str(err))
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _error("interrupted" + (f"; finished configurations are in {Path(args.out) / 'partial.jsonl'}, run the same "
+                                "command again to resume" if args.command == "bench" and args.out else ""))
+        return 130
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m vtoken.cli` (torchrun)
     raise SystemExit(main())

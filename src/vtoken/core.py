@@ -2,24 +2,35 @@
 gather/scatter helpers every method builds its result with.
 
 Shapes: ``B`` batch, ``N`` input tokens, ``K`` output tokens, ``D`` channels.
+
+Dtypes: ``tokens`` may be float64, float32, float16 or bfloat16 and signals may come in any floating dtype.
+:func:`check_signal` casts every floating signal to :func:`compute_dtype` (float64 for float64 tokens, float32 for
+every other dtype), methods compute their scores in that dtype and return tokens in the tokens' own dtype.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
+    "METHOD_SIGNAL_SHAPES",
     "SIGNALS",
+    "SIGNAL_SHAPES",
     "Reduction",
+    "SignalShape",
     "all_finite",
+    "check_keep",
     "check_mask",
     "check_signal",
+    "check_signals",
     "check_tokens",
+    "compute_dtype",
     "gather_rows",
     "identity_reduction",
     "prefix_mask",
@@ -53,9 +64,9 @@ SIGNALS: dict[str, str] = {
                  "LLM (one decoder layer, averaged over heads; softmax over the whole sequence)."),
     "llm_text_attn": ("[B, T, N] the same from each instruction token (the prompt's text after its last visual "
                       "token; rows marked by text_mask) to each visual token."),
-    "llm_keys": "[B, N, d] keys of the visual tokens in one decoder layer (RoPE applied, heads concatenated).",
+    "llm_keys": "[B, N, dk] keys of the visual tokens in one decoder layer (RoPE applied, heads concatenated).",
     "llm_hidden": "[B, N, D] hidden states of the visual tokens entering a decoder layer, after the LM's final norm.",
-    "llm_text_keys": "[B, T, d] llm_keys of the instruction tokens (rows marked by text_mask).",
+    "llm_text_keys": "[B, T, dk] llm_keys of the instruction tokens (rows marked by text_mask).",
     "llm_text_hidden": "[B, T, D] llm_hidden of the instruction tokens (rows marked by text_mask).",
     "llm_embeds": "[B, N, D] input embeddings of the visual tokens (what the language model's first layer received).",
     "llm_attn_rank": ("[B, N] importance of each visual token in one decoder layer's attention graph over the whole "
@@ -63,6 +74,50 @@ SIGNALS: dict[str, str] = {
                       "rows of EVERY token (ops.attention.attention_pagerank), heads combined by root mean square."),
     "sizes": "[B, N] float, how many original patches each token already represents (merging methods).",
 }
+
+
+class SignalShape(NamedTuple):
+    """The full shape of one tensor signal: ``dims``, its axes as symbols (alternatives separated by ``|``), and
+    ``kind``, its dtype class: ``"float"`` (any floating dtype, cast to :func:`compute_dtype`), ``"bool"`` (bool, or
+    integer/float holding only 0 and 1) or ``"int"`` (an integer dtype)."""
+
+    dims: str
+    kind: str
+
+
+#: The full shape of every tensor signal of :data:`SIGNALS` (``grid`` is a pair of ints, see :func:`check_signal`).
+#: ``B``, ``N`` and ``D`` are the tokens' axes; every other symbol must have one size across the signals of one call
+#: (``T`` of ``text``, ``text_mask`` and the ``llm_text_*`` signals, ``dk`` of ``llm_keys`` and ``llm_text_keys``).
+#: A method whose signal differs registers the difference (``register(signal_shapes={"text": "B T C"})``: CDPruner's
+#: text lives in the space of ``vision_features``).
+SIGNAL_SHAPES: dict[str, SignalShape] = {
+    "cls_attn": SignalShape("B N", "float"),
+    "cls_attn_layers": SignalShape("B L N", "float"),
+    "attn_logits": SignalShape("B N", "float"),
+    "attn": SignalShape("B N N", "float"),
+    "attn_received_layers": SignalShape("B L N", "float"),
+    "cls_q": SignalShape("B H d", "float"),
+    "keys": SignalShape("B N d", "float"),
+    "vision_features": SignalShape("B N C", "float"),
+    "text": SignalShape("B T D", "float"),
+    "text_mask": SignalShape("B T", "bool"),
+    "crop_ids": SignalShape("B N", "int"),
+    "frame_ids": SignalShape("B N", "int"),
+    "positions": SignalShape("B N | B N P", "int"),
+    "llm_attn": SignalShape("B N", "float"),
+    "llm_text_attn": SignalShape("B T N", "float"),
+    "llm_keys": SignalShape("B N dk", "float"),
+    "llm_hidden": SignalShape("B N D", "float"),
+    "llm_text_keys": SignalShape("B T dk", "float"),
+    "llm_text_hidden": SignalShape("B T D", "float"),
+    "llm_embeds": SignalShape("B N D", "float"),
+    "llm_attn_rank": SignalShape("B N", "float"),
+    "sizes": SignalShape("B N", "float"),
+}
+assert set(SIGNAL_SHAPES) | {"grid"} == set(SIGNALS), "every tensor signal declares its shape"
+
+#: ``{method: {signal: dims}}``: per-method exceptions to :data:`SIGNAL_SHAPES` (filled by ``register``).
+METHOD_SIGNAL_SHAPES: dict[str, dict[str, str]] = {}
 
 
 @dataclass
@@ -101,27 +156,57 @@ class Reduction:
 # keep and validation
 # ---------------------------------------------------------------------------------------------------------------
 
+_KEEP_RULE = "an int >= 1 (a count) or a float in (0, 1] (a ratio)"
+
+
+def check_keep(keep: Any, *, name: str = "keep") -> int | float:
+    """``keep`` as a Python ``int >= 1`` (a count) or ``float`` in ``(0, 1]`` (a ratio); errors name ``name``.
+
+    A one-element integer or floating tensor and a NumPy scalar count as their value; bools (``True``, a bool
+    tensor, ``numpy.bool_``) are rejected rather than read as 1.
+    """
+    if isinstance(keep, Tensor):
+        if keep.numel() != 1 or keep.dtype == torch.bool or keep.is_complex() or keep.is_meta:
+            what = "a bool tensor" if keep.dtype == torch.bool else (
+                "a meta tensor" if keep.is_meta else f"a tensor of shape {tuple(keep.shape)} and dtype {keep.dtype}")
+            raise TypeError(f"{name} must be {_KEEP_RULE}, got {what}")
+        keep = keep.item()
+    elif isinstance(keep, np.generic) and not isinstance(keep, np.bool_):
+        keep = keep.item()
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{name} must be {_KEEP_RULE}, got {keep!r}")
+    if isinstance(keep, float):
+        if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"{name} as a ratio must be a float in (0, 1], got {keep!r}; use an int for a count")
+    elif keep < 1:
+        raise ValueError(f"{name} must be {_KEEP_RULE}, got {keep!r}")
+    return keep
+
 
 def resolve_keep(keep: int | float, n_valid: Tensor | int, *, name: str = "keep") -> Tensor:
     """Resolve ``keep`` into a per-sample count.
 
-    ``keep`` is an ``int >= 1`` (a count, clipped to the tokens available) or a ``float`` in ``(0, 1]`` (a ratio of
-    the valid count, rounded half-up, at least 1). ``n_valid`` is ``[B]`` (or an int). Returns ``[B]`` long.
+    ``keep`` is an ``int >= 1`` (a count, clipped to the tokens available, however large) or a ``float`` in
+    ``(0, 1]`` (a ratio of the valid count, rounded half-up, at least 1); see :func:`check_keep`. ``n_valid`` is
+    ``[B]`` (or an int). Returns ``[B]`` long.
     """
     n = torch.as_tensor(n_valid, dtype=torch.long).reshape(-1)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        if isinstance(keep, Tensor) and keep.numel() == 1:
-            keep = keep.item()
-        else:
-            raise TypeError(f"{name} must be an int >= 1 (a count) or a float in (0, 1] (a ratio), got {keep!r}")
+    keep = check_keep(keep, name=name)
     if isinstance(keep, float):
-        if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-            raise ValueError(f"{name} as a ratio must be a float in (0, 1], got {keep!r}; use an int for a count")
         counts = torch.floor(n.double() * keep + 0.5).long()
         return counts.clamp(min=1).minimum(n.clamp(min=1))
-    if keep < 1:
-        raise ValueError(f"{name} must be an int >= 1 (a count) or a float in (0, 1] (a ratio), got {keep!r}")
-    return torch.full_like(n, int(keep)).minimum(n.clamp(min=1))
+    return torch.full_like(n, min(keep, torch.iinfo(torch.long).max)).minimum(n.clamp(min=1))
+
+
+def compute_dtype(tokens: Tensor) -> torch.dtype:
+    """The dtype scores are computed in: float64 for float64 tokens, float32 for every other dtype."""
+    return torch.float64 if tokens.dtype == torch.float64 else torch.float32
+
+
+def _no_meta(x: Tensor, what: str) -> None:
+    if x.is_meta:
+        raise ValueError(f"{what} is on the meta device (a shape without values); pass a tensor with data, e.g. on "
+                         f"'cpu' or 'cuda'")
 
 
 def check_tokens(tokens: Any, *, name: str = "tokens") -> Tensor:
@@ -132,9 +217,11 @@ def check_tokens(tokens: Any, *, name: str = "tokens") -> Tensor:
         hint = " (add a batch dimension: tokens[None])" if tokens.dim() == 2 else ""
         raise ValueError(f"{name} must have shape [B, N, D], got {tuple(tokens.shape)}{hint}")
     if not tokens.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tokens.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16 or bfloat16), got dtype "
+                        f"{tokens.dtype}")
     if tokens.shape[1] == 0 or tokens.shape[0] == 0:
         raise ValueError(f"{name} must have at least one sample and one token, got {tuple(tokens.shape)}")
+    _no_meta(tokens, name)
     if not all_finite(tokens):
         raise ValueError(f"{name} contains NaN or inf values")
     return tokens
@@ -148,49 +235,128 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def _as_bool(x: Tensor, what: str) -> Tensor:
+    """``x`` as a bool tensor: bool as is, integer or floating only when every value is exactly 0 or 1."""
+    if x.dtype == torch.bool:
+        return x
+    if x.is_complex() or not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"{what} must be a bool tensor (True on real tokens), or an integer/float tensor holding "
+                         f"only 0 and 1; got dtype {x.dtype} with other values (e.g. NaN, 0.5 or 2)")
+    return x.to(torch.bool)
+
+
 def check_mask(mask: Any, tokens: Tensor, *, name: str = "mask") -> Tensor | None:
-    """Validate an optional ``[B, N]`` bool mask (True = real token); every sample needs one real token."""
+    """Validate an optional ``[B, N]`` bool mask (True = real token); every sample needs one real token.
+
+    An integer or float mask is accepted when it holds only 0 and 1 (anything else, NaN included, is an error).
+    """
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor of shape [B, N], got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"{name} must have shape [B, N] = {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
-    mask = mask.to(device=tokens.device, dtype=torch.bool)
+    _no_meta(mask, name)
+    mask = _as_bool(mask, name).to(device=tokens.device)
     if not bool(mask.any(-1).all()):
         raise ValueError(f"{name} must mark at least one real token in every sample")
     return mask
 
 
-def check_signal(name: str, value: Any, tokens: Tensor, method: str) -> Any:
-    """Check a signal's type and leading dimensions against :data:`SIGNALS`; returns it on the tokens' device."""
-    b, n = tokens.shape[:2]
+def _grid(value: Any, n: int, where: str) -> tuple[int, int]:
+    def side(v: Any) -> int:
+        if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool \
+                and not v.is_meta:
+            v = v.item()
+        elif isinstance(v, np.integer):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError
+        return v
+
+    try:
+        h, w = (side(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where} must be a pair of ints (H, W) with H * W == N = {n}, got {value!r}") from None
+    if h < 1 or w < 1 or h * w != n:
+        raise ValueError(f"{where} must satisfy H * W == N = {n}, got {(h, w)}")
+    return h, w
+
+
+def _dims(symbols: tuple[str, ...], bound: dict[str, tuple[int, str]], name: str) -> str:
+    """``[B, T] = [2, 8] (T = 8 from 'text')``: the symbols, their sizes where known and where they come from."""
+    sym = "[" + ", ".join(symbols) + "]"
+    known = "[" + ", ".join(str(bound[s][0]) if s in bound else s for s in symbols) + "]"
+    src = [f"{s} = {bound[s][0]} from {bound[s][1]!r}" for s in dict.fromkeys(symbols)
+           if s in bound and bound[s][1] not in ("tokens", name)]
+    return f"{sym} = {known}" + (f" ({', '.join(src)})" if src else "")
+
+
+def check_signal(name: str, value: Any, tokens: Tensor, method: str, *,
+                 bound: dict[str, tuple[int, str]] | None = None) -> Any:
+    """Check one signal against its full shape and dtype class (:data:`SIGNAL_SHAPES`, with the method's
+    exceptions in :data:`METHOD_SIGNAL_SHAPES`); returns it on the tokens' device, floating signals cast to
+    :func:`compute_dtype`, bool signals as bool.
+
+    ``B``, ``N`` and ``D`` must equal the tokens' axes; the other symbols are bound in ``bound`` (``{symbol: (size,
+    signal)}``, shared by :func:`check_signals` across the signals of one call) on first sight and checked after.
+    Errors name the signal, the method, the expected shape (symbols and sizes) and the actual shape.
+    """
+    b, n, d = tokens.shape
     where = f"signal {name!r} for method {method!r}"
     if name == "grid":
-        try:
-            h, w = (int(v) for v in value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where} must be a pair of ints (H, W), got {value!r}") from None
-        if h < 1 or w < 1 or h * w != n:
-            raise ValueError(f"{where} must satisfy H * W == N = {n}, got {(h, w)}")
-        return (h, w)
+        return _grid(value, n, where)
+    doc = SIGNALS.get(name, "")
     if not isinstance(value, Tensor):
-        raise TypeError(f"{where} must be a torch.Tensor ({SIGNALS.get(name, '')}), got {type(value).__name__}")
-    if value.dim() == 0 or value.shape[0] != b:
-        raise ValueError(f"{where} must have batch size {b} first ({SIGNALS.get(name, '')}), got {tuple(value.shape)}")
-    expect_n = {"cls_attn": 1, "attn_logits": 1, "attn": 1, "keys": 1, "vision_features": 1, "crop_ids": 1,
-                "frame_ids": 1, "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2,
-                "attn_received_layers": 2, "llm_keys": 1, "llm_hidden": 1, "llm_text_attn": 2,
-                "llm_embeds": 1, "llm_attn_rank": 1}
-    if name in expect_n:
-        dim = expect_n[name]
-        if value.dim() <= dim or value.shape[dim] != n:
-            raise ValueError(f"{where} must have N = {n} at dim {dim} ({SIGNALS[name]}), got {tuple(value.shape)}")
-    if name == "attn" and (value.dim() != 3 or value.shape[2] != n):
-        raise ValueError(f"{where} must have shape [B, N, N] = {(b, n, n)}, got {tuple(value.shape)}")
-    if value.is_floating_point() and not all_finite(value):
-        raise ValueError(f"{where} contains NaN or inf values")
-    return value.to(tokens.device)
+        raise TypeError(f"{where} must be a torch.Tensor ({doc}), got {type(value).__name__}")
+    _no_meta(value, where)
+    spec = SIGNAL_SHAPES.get(name)
+    if spec is None:  # not a catalogued signal: only the batch axis is known
+        if value.dim() == 0 or value.shape[0] != b:
+            raise ValueError(f"{where} must have batch size {b} first, got {tuple(value.shape)}")
+        return value.to(tokens.device)
+    dims = METHOD_SIGNAL_SHAPES.get(method, {}).get(name, spec.dims)
+    shared = {"B": (b, "tokens"), "N": (n, "tokens"), "D": (d, "tokens"), **(bound if bound is not None else {})}
+    options = [tuple(alt.split()) for alt in dims.split("|")]
+    symbols = next((o for o in options if len(o) == value.dim()), None)
+    got = list(value.shape)
+    if symbols is None:
+        want = " or ".join(_dims(o, shared, name) for o in options)
+        raise ValueError(f"{where} must have shape {want}, got {got} ({value.dim()} dims); {name}: {doc}")
+    new: dict[str, tuple[int, str]] = {}
+    for axis, sym in enumerate(symbols):
+        size = int(value.shape[axis])
+        have = shared.get(sym, new.get(sym))
+        if have is None:
+            new[sym] = (size, name)
+        elif have[0] != size:
+            want = _dims(symbols, {**shared, **new}, name)
+            raise ValueError(f"{where} must have shape {want}, got {got}: axis {axis} ({sym}) is {size}; {name}: {doc}")
+    if spec.kind == "float":
+        if not value.is_floating_point():
+            raise TypeError(f"{where} must be a floating-point tensor ({doc}), got dtype {value.dtype}")
+        if not all_finite(value):
+            raise ValueError(f"{where} contains NaN or inf values")
+        value = value.to(device=tokens.device, dtype=compute_dtype(tokens))
+    elif spec.kind == "bool":
+        value = _as_bool(value, where).to(tokens.device)
+    else:
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where} must be an integer tensor (e.g. torch.long; {doc}), got dtype {value.dtype}")
+        value = value.to(tokens.device)
+    if bound is not None:
+        bound.update({k: v for k, v in new.items() if k not in ("B", "N", "D")})
+    return value
+
+
+def check_signals(signals: dict[str, Any], tokens: Tensor, method: str) -> dict[str, Any]:
+    """:func:`check_signal` for every signal of one call (``None`` values skipped), with the symbols other than
+    ``B``, ``N``, ``D`` shared: ``text_mask`` must have the ``T`` of ``text``, ``llm_text_attn`` that of
+    ``text_mask``, ... Signals are checked in :data:`SIGNALS` order, so a mismatch names the later signal."""
+    order = {k: i for i, k in enumerate(SIGNALS)}
+    bound: dict[str, tuple[int, str]] = {}
+    return {k: check_signal(k, signals[k], tokens, method, bound=bound)
+            for k in sorted(signals, key=lambda k: order.get(k, len(order))) if signals[k] is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------------

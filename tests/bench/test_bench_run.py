@@ -119,3 +119,15 @@ def test_distributed_merge_equals_single_process(tiny_path, tmp_path):
     rb = json.loads((multi / "results.json").read_text())
     assert rb["world_size"] == 2
     assert [r["accuracy"] for r in ra["rows"]] == [r["accuracy"] for r in rb["rows"]]
+    # resume under torchrun: rank 0 decides what is done and tells the other ranks; only rank 0 appends
+    at = args.index("--keep") + 1
+    more = [*args[:at], "0.25", "0.5", *args[at + 1:]]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vtoken.cli", *more, "--out", str(multi)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming, 2 of 3 configurations" in proc.stdout
+    partial = [json.loads(line)["key"] for line in (multi / "partial.jsonl").read_text().splitlines()]
+    assert [(k["method"], k["keep"]) for k in partial] == [("full", "all"), ("divprune", "0.25"), ("divprune", "0.5")]
+    c = json.loads((multi / "predictions.json").read_text())
+    assert {k: c[k] for k in a} == a and len(c["divprune@0.5"]) == 10

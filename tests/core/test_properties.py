@@ -19,7 +19,7 @@ from vtoken.core import resolve_keep
 
 # layout methods (token_shuffle) accept only the keeps their window allows; tests/methods/test_layout.py covers them
 METHODS = [m.name for m in vtoken.methods() if m.needs_keep and m.kind != "layout"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @st.composite

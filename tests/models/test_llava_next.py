@@ -218,8 +218,8 @@ def test_errors_leave_the_model_unpatched(model, inputs):
         (ValueError, "token_shuffle", "token_shuffle", {"keep": 16}),
         (ValueError, "keep", "hired", {"keep": 0}),
         (TypeError, "bogus", "globalcom2", {"keep": 8, "bogus": 1}),
+        (ValueError, "retention_ratio", "globalcom2", {"keep": 8, "retention_ratio": 2.0}),  # at apply, not later
     ], failing=[
         ("divprune", {"keep": 8}, no_sizes, ValueError, "image_sizes"),
         ("divprune", {"keep": 8}, dict(inputs, vision_feature_select_strategy="full"), ValueError, "full"),
-        ("globalcom2", {"keep": 8, "retention_ratio": 2.0}, inputs, ValueError, "retention"),
     ])

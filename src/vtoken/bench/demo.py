@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 
 from ..api import reduce
-from ..core import Reduction
-from ..methods import MethodInfo, all_methods
+from ..core import Reduction, resolve_keep
+from ..methods import MethodInfo, all_methods, get_method
 from ..ops.similarity import cosine_similarity
 from .images import load_image, patchify, unpatchify
 from .synthetic import make_signals
@@ -79,12 +80,35 @@ def overlay(image: np.ndarray, red: Reduction, grid: tuple[int, int], patch: int
     return np.where(m, image, (image * 0.25).astype(np.uint8))
 
 
-def run_demo(image_path: str | Path, keep: int | float = 64, methods: list[str] | None = None,
+def select_methods(methods: Sequence[str] | None = None) -> list[MethodInfo]:
+    """The methods the demo runs: every method that takes a ``keep`` budget, or the named ones (a ``ValueError``
+    for an unknown name or one without a budget, e.g. a token-restoring step)."""
+    if methods is None:
+        return [m for m in all_methods() if m.needs_keep]
+    if isinstance(methods, str):
+        methods = [methods]
+    infos: list[MethodInfo] = []
+    for name in methods:
+        info = get_method(name)
+        if not info.needs_keep:
+            raise ValueError(f"{info.name!r} takes no keep budget (it restores tokens); the demo runs methods that "
+                             "reduce to a budget, see `vtoken methods`")
+        if info not in infos:
+            infos.append(info)
+    if not infos:
+        raise ValueError("no method named; leave --methods out to run every method")
+    return infos
+
+
+def run_demo(image_path: str | Path, keep: int | float = 64, methods: Sequence[str] | None = None,
              out_dir: str | Path | None = None) -> list[DemoRow]:
-    """Run every (or the named) method on the image; optionally write ``overlays.png`` to ``out_dir``."""
+    """Run every (or the named) method on the image; optionally write ``overlays.png`` to ``out_dir``.
+
+    ``keep`` and the method names are checked first (``ValueError`` / ``TypeError``)."""
+    resolve_keep(keep, 1)
+    infos = select_methods(methods)
     image = load_image(image_path)
     tokens, grid = patchify(image)
-    infos: list[MethodInfo] = [m for m in all_methods() if m.needs_keep and (methods is None or m.name in methods)]
     rows, tiles = [], []
     for info in infos:
         sig = make_signals(info, tokens, grid=grid)

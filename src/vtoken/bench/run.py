@@ -9,14 +9,24 @@ the model actually saw. ``keep="all"`` is the unpatched model, the reference for
 Data parallel: under ``torchrun`` (``WORLD_SIZE > 1``) each rank answers every ``world``-th batch and the
 predictions are gathered to every rank in the single-process order, so the merged results equal a single-process
 run; rank 0 times the prefill and writes the report.
+
+Resume: as each configuration finishes, rank 0 appends its row to ``<out>/partial.jsonl``, keyed by the model (its
+folder and files), the questions and every setting that changes a row (limit, batch size, repeats, overlays,
+device, generated tokens). A rerun with the same ``--out`` and settings reuses those rows and computes only the
+rest; ``resume=False`` (``--fresh``) recomputes everything. Input is checked, and ``--out`` is probed for writing,
+before the model loads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +37,15 @@ from torch import nn
 
 from ..methods import all_methods, get_method
 from .cost import kv_cache_bytes, llm_prefill_flops, projector_flops, vit_flops
+from .errors import UsageError, user_input
 from .fashion import QTYPES, Example, accuracy_by_type, load_default_test_set
 from .train_vit import _progress
 
 DEFAULT_KEEPS = ("all", "0.5", "0.25", "0.11")
 #: stages a default run covers on an image VLM (video methods are for frames, encoder methods for ViT classifiers)
 DEFAULT_STAGES = ("pre_llm", "llm")
+#: the file in ``out_dir`` that holds each finished configuration (one JSON object a line)
+PARTIAL = "partial.jsonl"
 
 
 @dataclass
@@ -92,19 +105,119 @@ def default_methods(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """``(model, processor)`` of an image-text-to-text checkpoint (default: the shipped micro LLaVA)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def resolve_model(path: str | Path | None, allow_download: bool = False) -> tuple[str, bool]:
+    """``(source, local)``: the model folder to load (default: the shipped micro LLaVA) and whether it is local.
 
+    Without ``allow_download`` only an existing folder with a ``config.json`` is accepted (a ``FileNotFoundError``
+    that says so otherwise, before anything is imported or requested); with it, a path that does not exist is taken
+    as a Hugging Face hub id."""
     from .micro_llava import default_model_path
 
-    path = Path(path) if path is not None else default_model_path()
-    if not (Path(path) / "config.json").is_file() and path.exists():
-        raise FileNotFoundError(f"--model {path}: no config.json there")
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).eval()
+    if path is None:
+        folder = default_model_path()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no bundled micro LLaVA at {folder} (config.json missing); train one with "
+                                    "`vtoken train-micro --install` or pass --model FOLDER")
+        return str(folder), True
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {path}: a file, not a model folder; pass the folder save_pretrained "
+                                    "wrote (with config.json)")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--model {path}: no config.json there; pass the folder save_pretrained wrote")
+        return str(folder), True
+    if allow_download:
+        return str(path), False
+    raise FileNotFoundError(f"--model {path}: no such folder; pass a local model folder (with config.json), or add "
+                            "--allow-download to fetch it as a Hugging Face hub id")
+
+
+@contextmanager
+def hub_offline(enabled: bool = True) -> Iterator[None]:
+    """Offline Hugging Face hub for the block only: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set and
+    huggingface_hub's offline flag (read once, at its import) raised, all restored on exit."""
+    if not enabled:
+        yield
+        return
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        from huggingface_hub import constants as hub
+    except ImportError:  # pragma: no cover - transformers depends on it
+        hub = None
+    flag = getattr(hub, "HF_HUB_OFFLINE", None)
+    os.environ.update(dict.fromkeys(names, "1"))
+    if isinstance(flag, bool):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if isinstance(flag, bool):
+            hub.HF_HUB_OFFLINE = flag
+
+
+def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, device: str | None = None,
+               allow_download: bool = False):
+    """``(model, processor)`` of an image-text-to-text checkpoint (default: the shipped micro LLaVA).
+
+    A local folder loads with ``local_files_only`` and the hub offline; only ``allow_download`` lets a hub id
+    through (see :func:`resolve_model`). A folder transformers cannot load is a :class:`~.errors.UsageError`."""
+    source, local = resolve_model(path, allow_download)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        with hub_offline(local):
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local).eval()
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path if path is not None else source}: cannot load it as an image-text-to-text "
+                         f"model ({type(err).__name__}: {err})") from err
     if device is not None:
-        model.to(device)
-    return model, AutoProcessor.from_pretrained(str(path))
+        with user_input(f"--device {device}"):
+            model.to(device)
+    return model, processor
+
+
+def check_device(device: str | torch.device | None, arg: str = "--device") -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists here (``None`` stays ``None``); a
+    :class:`~.errors.UsageError` naming ``arg`` otherwise."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise UsageError(f"{arg} {device!r}: not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise UsageError(f"{arg} {device}: this machine has {count} CUDA device(s); use cpu"
+                             + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{arg} {device}: no MPS device here; use cpu")
+    return dev
+
+
+def writable_dir(path: str | Path, arg: str = "--out") -> Path:
+    """``path`` as a folder that exists and takes a new file (created and probed); a :class:`~.errors.UsageError`
+    naming ``arg`` otherwise."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{arg} {path}: a file, not a folder; give a folder to write into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vtoken-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{arg} {path}: cannot write there ({err.strerror or err}); give a folder you can "
+                         "write to") from err
+    return folder
 
 
 def chat_prompt(processor, question: str) -> str:
@@ -229,36 +342,172 @@ def gather_answers(local: dict[int, list[str]], world: int) -> dict[int, list[st
     return merged
 
 
+def broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (identity when ``world == 1``)."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def model_fingerprint(source: str) -> list[Any]:
+    """What identifies a model's weights: its folder's files (name, size, mtime), or the hub id itself."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return [source]
+    return [str(folder.resolve()), *([f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                     for f in sorted(folder.iterdir()) if f.is_file())]
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """A digest of the questions, answers and images."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.qtype}\0{e.question}\0{e.answer}\0".encode())
+        h.update(np.ascontiguousarray(e.image).tobytes())
+    return h.hexdigest()
+
+
+def _canonical(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def read_partial(path: Path, keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The records of ``path`` (one JSON object a line) whose key is one of ``keys`` (``{config: key}``), by config
+    (the last record wins; a line cut short by an interruption is ignored)."""
+    wanted = {_canonical(k): name for name, k in keys.items()}
+    found: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            name = wanted.get(_canonical(rec["key"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if name is not None and isinstance(rec.get("row"), dict):
+            found[name] = rec
+    return found
+
+
+def append_partial(path: Path, record: dict[str, Any]) -> None:
+    """Append one record to ``path`` and flush it to disk."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _overlay_to_json(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {"indices": data["indices"].tolist(), "mask": data["mask"].tolist(), "n_tokens": data["n_tokens"],
+            "assign": data["assign"].tolist() if data["assign"] is not None else None}
+
+
+def _overlay_from_json(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {"indices": torch.tensor(data["indices"], dtype=torch.long),
+            "mask": torch.tensor(data["mask"], dtype=torch.bool), "n_tokens": int(data["n_tokens"]),
+            "assign": torch.tensor(data["assign"], dtype=torch.long) if data["assign"] is not None else None,
+            "llm": []}
+
+
 # ---------------------------------------------------------------------------------------------------- run
+def check_methods(names: Sequence[str]) -> list[str]:
+    """The registry names of ``names`` (duplicates dropped); a :class:`~.errors.UsageError` for an unknown one."""
+    out: list[str] = []
+    for n in names:
+        with user_input("--methods"):
+            name = get_method(n).name
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_keeps(keeps: Sequence[str]) -> list[int | float | None]:
+    """The budgets of the ``keeps`` labels, the unpatched reference (``None``) first, duplicates dropped."""
+    if isinstance(keeps, (str, int, float)):
+        keeps = [keeps]  # type: ignore[list-item]
+    values: list[int | float | None] = [None]
+    for k in keeps:
+        with user_input("--keep"):
+            v = parse_keep(k)
+        if keep_label(v) not in {keep_label(x) for x in values}:
+            values.append(v)
+    return values
+
+
 def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | None = None,
               keeps: Sequence[str] = DEFAULT_KEEPS, limit: int | None = None, batch_size: int = 50,
               repeats: int = 3, out_dir: str | Path | None = "out/bench", examples: list[Example] | None = None,
               overlays: int = 3, max_new_tokens: int = 4, progress: bool = True, device: str | None = None,
-              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+              log: Callable[[str], None] | None = print, allow_download: bool = False,
+              resume: bool = True) -> dict[str, Any]:
     """Run the bench; returns the report dictionary (and writes it to ``out_dir`` on rank 0).
 
     ``methods``: names (default :func:`default_methods`); ``keeps``: labels as in :func:`parse_keep`;
-    ``limit``: first ``limit`` test questions; ``examples``: a question set instead of the shipped test set.
+    ``limit``: first ``limit`` test questions; ``examples``: a question set instead of the shipped test set;
+    ``allow_download``: let ``model_path`` be a hub id (default: a local folder only, no network);
+    ``resume``: reuse the configurations ``out_dir/partial.jsonl`` holds for the same model, data and settings.
+
+    Every argument, the model folder and ``out_dir`` (created, probed for writing) are checked before the model
+    loads; bad ones raise :class:`~.errors.UsageError` (a ``ValueError``) or ``FileNotFoundError``.
     """
-    from ..models import apply
+    from ..models import apply, find_adapter
     from .report import write_report
 
     rank, world = dist_context()
     say = (log or (lambda _m: None)) if rank == 0 else (lambda _m: None)
-    if batch_size < 1 or repeats < 1:
-        raise ValueError(f"batch_size and repeats must be >= 1, got {batch_size}, {repeats}")
-    keep_values = [parse_keep(k) for k in keeps]
-    if None not in keep_values:
-        keep_values = [None, *keep_values]        # the unpatched reference is always measured
-    model, processor = load_model(model_path, device=device)
-    names = list(methods) if methods else default_methods(model)
-    for n in names:
-        get_method(n)
+    for arg, value, low in (("--batch-size", batch_size, 1), ("--repeats", repeats, 1), ("--limit", limit, 1),
+                            ("--overlays", overlays, 0), ("max_new_tokens", max_new_tokens, 1)):
+        if value is None and arg == "--limit":  # no limit: every question
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{arg} must be an integer >= {low}, got {value!r}")
+    keep_values = check_keeps(keeps)
+    requested = check_methods(methods) if methods else None
+    check_device(device)
+    source, _ = resolve_model(model_path, allow_download)
+    model_arg = f"--model {model_path if model_path is not None else source}"
+    problem = None
+    if rank == 0 and out_dir is not None:
+        try:
+            writable_dir(out_dir)
+        except UsageError as err:
+            problem = str(err)
+    problem = broadcast(problem, world)
+    if problem:
+        raise UsageError(problem)
     exs = examples if examples is not None else load_default_test_set()
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
         exs = exs[:limit]
+    if not exs:
+        raise UsageError("no questions to answer (empty example set)")
+
+    model, processor = load_model(model_path, device=device, allow_download=allow_download)
+    with user_input(model_arg):
+        adapter = find_adapter(model)
+    if requested is None:
+        names = default_methods(model)
+        if not names:
+            raise UsageError(f"{model_arg}: no registered method of the stages {DEFAULT_STAGES} runs on "
+                             f"{type(model).__name__}; name some with --methods")
+    else:
+        names = requested
+        why = {n: adapter.unsupported(get_method(n)) for n in names}
+        if all(why.values()):
+            raise UsageError(f"--methods: none of them can run on {type(model).__name__}: "
+                             + "; ".join(f"{n}: {w}" for n, w in why.items()) + " (`vtoken methods` lists which "
+                             "family runs which method)")
+        for n, w in why.items():
+            if w:
+                say(f"bench: {n} cannot run on {type(model).__name__}, its rows will say why: {w}")
     batches = prepare_batches(processor, exs, batch_size)
     mine = list(range(rank, len(batches), world))
     configs: list[tuple[str, int | float | None]] = [("full", None)] + [
@@ -270,8 +519,26 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
     n_visual = _num_visual(timing_batch, image_id)
     rows: list[Row] = []
     overlay_data: dict[str, Any] = {}
+
+    partial = Path(out_dir) / PARTIAL if rank == 0 and out_dir is not None else None
+    keys: dict[str, dict[str, Any]] = {}
+    done: dict[str, dict[str, Any]] = {}
+    if partial is not None:
+        settings = {"model": model_fingerprint(source), "data": examples_fingerprint(exs), "questions": len(exs),
+                    "limit": limit, "batch_size": batch_size, "repeats": repeats, "overlays": overlays,
+                    "max_new_tokens": max_new_tokens, "device": str(next(model.parameters()).device),
+                    "dtype": str(model.dtype)}
+        keys = {f"{n}@{keep_label(k)}": {**settings, "method": n, "keep": keep_label(k)} for n, k in configs}
+        if resume:
+            done = read_partial(partial, keys)
+        elif partial.exists():
+            partial.unlink()
+    done = broadcast(done, world)
     say(f"bench: {len(configs)} configurations x {len(exs)} questions ({len(batches)} batches of {batch_size}"
         + (f", {world} processes" if world > 1 else "") + ")")
+    if done:
+        say(f"bench: resuming, {len(done)} of {len(configs)} configurations already in {partial} "
+            "(--fresh recomputes them)")
 
     bar_cm = _progress(progress and rank == 0)
     t_start = time.perf_counter()
@@ -279,6 +546,14 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
         task = bar.add_task("bench", total=len(configs) * len(mine), info="") if bar is not None else None
         for name, keep in configs:
             label = keep_label(keep)
+            config = f"{name}@{label}"
+            if config in done:
+                rows.append(Row(**done[config]["row"]))
+                if done[config].get("overlay") is not None:
+                    overlay_data[config] = _overlay_from_json(done[config]["overlay"])
+                if bar is not None:
+                    bar.advance(task, len(mine))
+                continue
             if bar is not None:
                 bar.update(task, info=f"{name} keep={label}")
             stage = "-" if keep is None else get_method(name).stage
@@ -295,7 +570,7 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
                 visual = visual_per_layer(handle, n_visual, layers)
                 flops, kv = prefill_cost(cfg, timing_batch, visual, model.dtype)
                 if handle is not None and overlays and handle.last is not None:
-                    overlay_data[f"{name}@{label}"] = _first_reductions(handle, int(n_visual[0]), overlays)
+                    overlay_data[config] = _first_reductions(handle, int(n_visual[0]), overlays)
                 rows.append(Row(name, label, stage, visual[0], float(np.mean(visual)), acc, latency_ms=ms,
                                 gflops=flops / 1e9, kv_bytes=kv,
                                 predictions=preds))
@@ -306,6 +581,9 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
             finally:
                 if handle is not None:
                     handle.remove()
+            if partial is not None and rows[-1].error is None:  # errors are cheap to find again: not kept
+                append_partial(partial, {"key": keys[config], "row": asdict(rows[-1]),
+                                         "overlay": _overlay_to_json(overlay_data.get(config))})
     full = rows[0]
     for r in rows:
         if r.accuracy and full.accuracy.get("overall"):

@@ -8,7 +8,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from ..core import resolve_keep
+from ..core import check_keep, resolve_keep
 
 
 def resolve_llm_keep(keep: int | float, n: Tensor, images: Tensor) -> Tensor:
@@ -18,11 +18,12 @@ def resolve_llm_keep(keep: int | float, n: Tensor, images: Tensor) -> Tensor:
     images. An ``int`` keep counts tokens per image (``keep * images``), a ``float`` in ``(0, 1]`` is a ratio of
     ``n`` (rounded half-up, at least 1); never more than ``n``.
     """
-    if isinstance(keep, float) or (isinstance(keep, Tensor) and keep.is_floating_point()):
+    keep = check_keep(keep)  # a Python int or float, validated, errors naming keep
+    if isinstance(keep, float):
         out = resolve_keep(keep, n)
-    else:
-        resolve_keep(keep, 1)  # validates an int keep, naming it
-        out = torch.as_tensor(int(keep), dtype=torch.long) * images.long()
+    else:  # clipped to the most tokens a sample has first: keep * images stays far from overflowing
+        most = int(n.max()) if n.numel() else 0
+        out = torch.as_tensor(min(keep, max(most, 1)), dtype=torch.long) * images.long()
     return out.to(n.device).minimum(n).clamp(min=0)
 
 

@@ -23,7 +23,8 @@ from .tome import finish, per_round_caps
 
 @register("aim_merge", paper="AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning",
           venue="ICCV 2025", repo="https://github.com/LaVi-Lab/AIM", stage="video", kind="merge",
-          optional_signals=("keys",), parity=True, fixture="aim_merge")
+          optional_signals=("keys",), parity=True, fixture="aim_merge",
+          knob_ranges={"r": ">= 1"})
 def aim_merge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
               r: int | Sequence[int] | None = None) -> Reduction:
     """AIM's pre-LLM merge: ToMe-style bipartite soft matching per frame, unweighted mean, nothing protected.
@@ -73,7 +74,8 @@ def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, start:
 @register("aim", paper="AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning",
           venue="ICCV 2025", repo="https://github.com/LaVi-Lab/AIM", stage="llm", kind="prune",
           signals=("llm_attn_rank",), signal_spec={"llm_attn_rank": {"temperature": 0.1, "iters": 5}},
-          schedule=LLMSchedule(_aim_layers, _aim_counts))
+          schedule=LLMSchedule(_aim_layers, _aim_counts),
+          knob_ranges={"ref_depth": ">= 1"})
 def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn_rank: Tensor | None = None,
         start: int = 14, end: int = 22, ref_depth: int = 28) -> Reduction:
     """One step of AIM's progressive in-LLM pruning: keep the ``counts[b]`` visual tokens of highest multimodal

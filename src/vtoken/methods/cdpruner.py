@@ -62,7 +62,9 @@ def instruction_relevance(vision_features: Tensor, text: Tensor, *, text_mask: T
           signal_spec={"vision_features": {"source": "clip_patch_embeds", "space": "clip_joint",
                                            "note": "post_layernorm + visual_projection of the patch tokens"},
                        "text": {"source": "clip_text_embeds", "space": "clip_joint",
-                                "note": "instruction, one row per 77-token chunk"}})
+                                "note": "instruction, one row per 77-token chunk"}},
+          knob_ranges={"relevance_norm": ("sample", "batch")},
+          signal_shapes={"text": "B T C"})  # text in the CLIP joint space of vision_features
 def cdpruner(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_features: Tensor | None = None,
              text: Tensor | None = None, text_mask: Tensor | None = None,
              relevance_norm: str = "sample") -> Reduction:

@@ -53,7 +53,10 @@ def split_keep(counts: Tensor, sizes: Tensor) -> Tensor:
 
 @register("centerclip", paper="CenterCLIP: Token Clustering for Efficient Text-Video Retrieval", venue="SIGIR 2022",
           repo="https://github.com/mzhaoshuai/CenterCLIP", stage="video", kind="cluster",
-          optional_signals=("frame_ids",), parity=True, fixture="centerclip")
+          optional_signals=("frame_ids",), parity=True, fixture="centerclip",
+          knob_ranges={"segment_frames": ">= 1", "distance": ("euclidean", "cosine"), "norm_p": ">= 0",
+                       "threshold": ">= 0", "iter_limit": ">= 0", "center": ("medoid", "mean"),
+                       "stop": ("sample", "batch")})
 def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, frame_ids: Tensor | None = None,
                segment_frames: int = 2, distance: str = "euclidean", norm_p: float = 2.0, threshold: float = 1e-5,
                iter_limit: int = 100, center: str = "medoid", stop: str = "sample") -> Reduction:

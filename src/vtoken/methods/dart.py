@@ -28,7 +28,10 @@ def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           venue="arXiv 2025", repo="https://github.com/ZichenWen1/DART", stage="llm", kind="prune",
           signals=("llm_hidden", "llm_keys", "llm_text_hidden", "llm_text_keys", "text_mask"),
           optional_signals=("positions",), parity=True, fixture="dart", exact=False,
-          schedule=LLMSchedule(_layers, _counts))
+          schedule=LLMSchedule(_layers, _counts),
+          knob_ranges={"pivot_image_token": ">= 0", "pivot_text_token": ">= 0", "pivot_order": PIVOT_ORDERS},
+          knob_rules=[("pivot_image_token + pivot_text_token must be >= 1",
+                       lambda pivot_image_token, pivot_text_token: pivot_image_token + pivot_text_token >= 1)])
 def dart(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_hidden: Tensor | None = None,
          llm_keys: Tensor | None = None, llm_text_hidden: Tensor | None = None, llm_text_keys: Tensor | None = None,
          text_mask: Tensor | None = None, positions: Tensor | None = None, layer: int = 2, pivot_image_token: int = 4,

@@ -40,7 +40,8 @@ def _group_normalize(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
           space="llm",
           signal_spec={"attn_logits": {"layer": -1, "source": "qk", "heads": "mean",
                                        "note": "PRE-softmax CLS->patch logits (q*scale @ k^T) of the LAST CLIP layer, "
-                                               "head mean, every view with its own CLS (official apply_customvit)"}})
+                                               "head mean, every view with its own CLS (official apply_customvit)"}},
+          knob_ranges={"retention_ratio": "(0, 1]", "temperature": "> 0"})
 def globalcom2(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_logits: Tensor | None = None,
                crop_ids: Tensor | None = None, retention_ratio: float | None = None,
                temperature: float = 10.0) -> Reduction:

@@ -32,7 +32,8 @@ def _layer(value: int, n_layers: int, name: str) -> int:
               "note": "0-based indices into the vision tower's per-layer attentions: the object layer (HiPrune's "
                       "OBJECT_LAYER=9, 1-based, for CLIP ViT-L/14) and LLaVA's select layer (-2); per layer the "
                       "softmax probabilities are averaged over heads, then over every query row including CLS, and "
-                      "the CLS column is dropped"}})
+                      "the CLS column is dropped"}},
+          knob_ranges={"alpha": "[0, 1]", "neighbours": ("raster", "grid")})
 def hiprune(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_received_layers: Tensor | None = None,
             grid: tuple[int, int] | None = None, alpha: float = 0.1, object_layer: int = 0, deep_layer: int = -1,
             neighbours: str = "raster") -> Reduction:

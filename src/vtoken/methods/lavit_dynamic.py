@@ -36,7 +36,8 @@ def distinctiveness(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
 @register("lavit_dynamic",
           paper="Unified Language-Vision Pretraining in LLM with Dynamic Discrete Visual Tokenization",
           venue="ICLR 2024", repo="https://github.com/jy0205/LaVIT", stage="pre_llm", kind="merge",
-          optional_signals=("cls_attn", "sizes"), exact=False)
+          optional_signals=("cls_attn", "sizes"), exact=False,
+          knob_ranges={"score": SCORES, "threshold": ">= 0"})
 def lavit_dynamic(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
                   sizes: Tensor | None = None, score: str = "auto", threshold: float = 1.0) -> Reduction:
     """LaVIT's dynamic visual tokenizer, training-free: an image keeps as many tokens as its content needs.

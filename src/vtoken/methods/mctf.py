@@ -75,7 +75,9 @@ def pooling_weights(state: MergeState, real: Tensor, pooling: str) -> Tensor | N
           space="vision", stage="encoder", kind="merge", signals=("attn",),
           optional_signals=("sizes",), parity=True, fixture="mctf",
           encoder_schedule={"layers": "all", "schedule": "constant"},
-          signal_spec={"sizes": {"proportional_attention": True}})
+          signal_spec={"sizes": {"proportional_attention": True}},
+          knob_ranges={"tau_sim": ">= 0", "tau_info": ">= 0", "tau_size": ">= 0", "pooling": tuple(POOLINGS),
+                       "r": ">= 1"})
 def mctf(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, tau_sim: float = 1.0, tau_info: float = 20.0,
          tau_size: float = 40.0, bidirection: bool = True, pooling: str = "attn", one_step_ahead: bool = True,

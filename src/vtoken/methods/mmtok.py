@@ -49,7 +49,8 @@ def coverage_matrix(tokens: Tensor, text: Tensor, vision_features: Tensor | None
           venue="arXiv 2025", repo="https://github.com/Ironieser/MMTok", stage="pre_llm", kind="prune",
           signals=("text",), optional_signals=("text_mask", "vision_features"), parity=True, fixture="mmtok",
           signal_spec={"text": {"source": "llm_embed_tokens", "note": "embeddings of the question keywords"},
-                       "vision_features": {"layer": -2, "cls": False, "note": "pre-projector CLIP features"}})
+                       "vision_features": {"layer": -2, "cls": False, "note": "pre-projector CLIP features"}},
+          knob_ranges={"alpha": ">= 0", "tv_temp": "> 0", "vv_temp": "> 0"})
 def mmtok(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, text: Tensor | None = None,
           text_mask: Tensor | None = None, vision_features: Tensor | None = None, alpha: float = 0.5,
           tv_temp: float = 0.02, vv_temp: float = 0.2, exclude: Tensor | None = None) -> Reduction:

@@ -33,7 +33,8 @@ def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int] 
 @register("pdrop", paper="PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy "
           "Reduction", venue="CVPR 2025", repo="https://github.com/Cooperx521/PyramidDrop", stage="llm", kind="prune",
           signals=("llm_attn",), signal_spec={"llm_attn": {"layer": "current"}},
-          schedule=LLMSchedule(_layers, _counts))
+          schedule=LLMSchedule(_layers, _counts),
+          knob_ranges={"ref_depth": ">= 1"})
 def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None,
           layers: Sequence[int] = (8, 16, 24), ref_depth: int = 32) -> Reduction:
     """One PyramidDrop stage boundary: keep the ``counts[b]`` visual tokens the last instruction token attends to most.

@@ -104,7 +104,8 @@ def merge_and_summarise(tokens: Tensor, keep_order: Tensor, valid: Tensor, cls_a
           venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge",
           space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), parity=True, fixture="prumerge", exact=False,
-          signal_spec=PRUMERGE_SIGNAL_SPEC)
+          signal_spec=PRUMERGE_SIGNAL_SPEC,
+          knob_ranges={"neighbors": ">= 0"})
 def prumerge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
              keys: Tensor | None = None, adaptive: bool = True, pooled_iqr: bool = False,
              neighbors: int = 32) -> Reduction:

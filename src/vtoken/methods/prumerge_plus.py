@@ -32,7 +32,8 @@ def _raster_positions(valid: Tensor, stride: Tensor, offset: Tensor) -> Tensor:
           venue="ICCV 2025", repo="https://github.com/42Shawn/LLaVA-PruMerge",
           space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), optional_signals=("grid",), parity=True, fixture="prumerge_plus",
-          exact=False, signal_spec=PRUMERGE_SIGNAL_SPEC)
+          exact=False, signal_spec=PRUMERGE_SIGNAL_SPEC,
+          knob_ranges={"neighbors": ">= 0", "spatial_stride": ">= 1"})
 def prumerge_plus(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
                   keys: Tensor | None = None, grid: tuple[int, int] | None = None, adaptive: bool = True,
                   pooled_iqr: bool = False, neighbors: int = 32, spatial_stride: int | None = None) -> Reduction:

@@ -8,9 +8,13 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_indices, topk_indices
 from .registry import register
 
+#: the seeds ``torch.Generator.manual_seed`` accepts
+SEED_RANGE = f"[{-2 ** 63}, {2 ** 64 - 1}]"
+
 
 @register("random", paper="Random token selection (baseline)", venue="baseline", repo=None, stage="pre_llm",
-          kind="prune")
+          kind="prune",
+          knob_ranges={"seed": SEED_RANGE})
 def random(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, seed: int = 0) -> Reduction:
     """Keep a uniformly random subset of ``counts[b]`` tokens per sample, seeded.
 

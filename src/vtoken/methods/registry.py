@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core import SIGNALS
+import numpy as np
+from torch import Tensor
+
+from ..core import METHOD_SIGNAL_SHAPES, SIGNAL_SHAPES, SIGNALS
 
 STAGES = ("encoder", "pre_llm", "llm", "video")
 KINDS = ("prune", "merge", "cluster", "pool", "layout")
@@ -30,6 +37,51 @@ class LLMSchedule:
 
     layers: Callable[..., list[int]]
     counts: Callable[..., list[Any]]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A knob's numeric range, written ``"[0, 1]"``, ``"(0, 1]"``, ``"> 0"``, ``">= 1"``, ... in ``register``."""
+
+    text: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        def num(v: str) -> float:
+            return int(v) if re.fullmatch(r"[+-]?\d+", v) else float(v)
+
+        t = text.strip()
+        m = re.fullmatch(r"([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])", t)
+        if m:
+            return cls(t, num(m[2]), num(m[3]), m[1] == "(", m[4] == ")")
+        m = re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", t)
+        if not m:
+            raise ValueError(f"a knob range is an interval such as '[0, 1]' or '(0, 1]', or a bound such as '>= 1', "
+                             f"got {text!r}")
+        if m[1].startswith(">"):
+            return cls(t, lo=num(m[2]), lo_open=m[1] == ">")
+        return cls(t, hi=num(m[2]), hi_open=m[1] == "<")
+
+    def __contains__(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        return f"in {self.text}" if self.text[0] in "[(" else self.text
+
+
+#: what ``register(knob_ranges=...)`` takes per knob: a range (``"[0, 1]"``, ``"> 0"``, see :class:`Range`; applied to
+#: each entry of a sequence knob, ``None`` passes) or the tuple of the knob's allowed values
+KnobRange = str | tuple[Any, ...]
+#: ``(requirement, predicate)``: the predicate receives the knobs it names (given or default) and says whether the
+#: requirement holds, e.g. ``("pivot_image_token + pivot_text_token >= 1", lambda pivot_image_token,
+#: pivot_text_token: pivot_image_token + pivot_text_token >= 1)``
+KnobRule = tuple[str, Callable[..., bool]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +111,14 @@ class MethodInfo:
     signal_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: str = ""
     schedule: LLMSchedule | None = None
+    knob_types: dict[str, Any] = field(default_factory=dict)
+    knob_ranges: dict[str, Range | tuple[Any, ...]] = field(default_factory=dict)
+    knob_rules: tuple[KnobRule, ...] = ()
+    signal_shapes: dict[str, str] = field(default_factory=dict)
+
+    def check_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """:func:`check_knobs` for this method."""
+        return check_knobs(self, knobs)
 
 
 def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
@@ -67,7 +127,10 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
              space: str = "llm",
              signal_spec: dict[str, dict[str, Any]] | None = None,
              encoder_schedule: dict[str, Any] | None = None,
-             schedule: LLMSchedule | None = None) -> Callable[[Fn], Fn]:
+             schedule: LLMSchedule | None = None,
+             knob_ranges: dict[str, KnobRange] | None = None,
+             knob_rules: Sequence[KnobRule] = (),
+             signal_shapes: dict[str, str] | None = None) -> Callable[[Fn], Fn]:
     """Register a method function under ``name`` with its paper metadata.
 
     ``signals`` are required keyword signals (names from :data:`vtoken.core.SIGNALS`), ``optional_signals`` are
@@ -83,6 +146,12 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     over a ViT's layers: ``{"layers": "all" | [fractions of depth or indices], "schedule": "constant" | "geometric"}``.
     ``schedule`` (required for ``stage="llm"``) says at which decoder layers and with how many tokens an LLM-stage
     method prunes (:class:`LLMSchedule`); its function is one pruning step on the visual hidden states.
+
+    Knobs are checked when ``vtoken.reduce`` is called and when ``vtoken.apply`` builds its steps (:func:`check_knobs`):
+    each against its annotated type (from the function's signature), ``knob_ranges`` (a :class:`Range` string such as
+    ``"[0, 1]"`` or ``"> 0"``, or a tuple of allowed values) and ``knob_rules`` (:data:`KnobRule`, for requirements
+    between knobs). ``signal_shapes`` overrides a signal's axes in :data:`vtoken.core.SIGNAL_SHAPES` (e.g. ``{"text":
+    "B T C"}``: text in the width ``C`` of ``vision_features`` instead of the tokens' ``D``).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -95,6 +164,12 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     for s in (*signals, *optional_signals):
         if s not in SIGNALS:
             raise ValueError(f"unknown signal {s!r} for method {name!r}; known: {sorted(SIGNALS)}")
+    for s, dims in (signal_shapes or {}).items():
+        if s not in (*signals, *optional_signals) or s not in SIGNAL_SHAPES:
+            raise ValueError(f"method {name!r}: signal_shapes names {s!r}, not one of its tensor signals")
+        if not all(alt.split() for alt in dims.split("|")):
+            raise ValueError(f"method {name!r}: signal_shapes[{s!r}] must name axes such as 'B T C', got {dims!r}")
+    ranges = {k: v if isinstance(v, tuple) else Range.parse(v) for k, v in (knob_ranges or {}).items()}
 
     def deco(fn: Fn) -> Fn:
         if fixture is not None and not isinstance(fixture, (str, tuple)):
@@ -105,6 +180,13 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         defaults = {k: p.default for k, p in params.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
                     and k not in SIGNALS and k != "mask"}
+        unknown = set(ranges) - set(defaults)
+        if unknown:
+            raise ValueError(f"method {name!r}: knob_ranges names {sorted(unknown)}, not among its knobs "
+                             f"{sorted(defaults)}")
+        for _, rule in knob_rules:
+            if set(inspect.signature(rule).parameters) - set(defaults):
+                raise ValueError(f"method {name!r}: a knob rule names arguments that are not its knobs")
         doc = inspect.getdoc(fn) or ""
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
@@ -112,7 +194,11 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=dict(signal_spec or {}),
             encoder_schedule=dict(encoder_schedule or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "), schedule=schedule,
+            knob_types=_knob_types(fn, defaults), knob_ranges=ranges, knob_rules=tuple(knob_rules),
+            signal_shapes=dict(signal_shapes or {}),
         )
+        if signal_shapes:
+            METHOD_SIGNAL_SHAPES[name] = dict(signal_shapes)
         return fn
 
     return deco
@@ -121,7 +207,8 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
 def get_method(name: str) -> MethodInfo:
     """The registered method ``name``; a ``ValueError`` listing the known names otherwise."""
     if not isinstance(name, str):
-        raise TypeError(f"method must be a method name (str), got {type(name).__name__}")
+        raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods() "
+                        f"or `vtoken methods`), got {name!r} ({type(name).__name__})")
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
@@ -131,3 +218,113 @@ def get_method(name: str) -> MethodInfo:
 def all_methods() -> list[MethodInfo]:
     """Every registered method, sorted by stage then name."""
     return sorted(_REGISTRY.values(), key=lambda m: (STAGES.index(m.stage), m.name))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# knob validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _knob_types(fn: Fn, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Each knob's annotated type (the default's type where the annotation cannot be evaluated)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError, AttributeError):  # an annotation naming what the module does not define
+        hints = {}
+    return {k: hints.get(k, Any if v is None else type(v)) for k, v in defaults.items()}
+
+
+def _union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the annotated type ``tp``: ``bool`` only ``True``/``False``, ``int`` no bool, ``float``
+    any int or float, ``Sequence[X]`` / ``list[X]`` / ``tuple[X, ...]`` a list or tuple of ``X``."""
+    if tp is Any:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    if _union(tp):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        return all(_fits(v, args[0] if args else Any) for v in value)
+    return isinstance(value, origin or tp) if isinstance(origin or tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    if _union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is None or tp is type(None):
+        return "None"
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and len(typing.get_args(tp)) > 1 and typing.get_args(tp)[-1] is not Ellipsis:
+            return f"a tuple ({', '.join(_type_name(a) for a in args)})"
+        plural = {bool: "bools", int: "ints", float: "floats", str: "strs"}
+        return f"a list or tuple of {plural.get(args[0], _type_name(args[0])) if args else 'values'}"
+    names = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a str", Tensor: "a torch.Tensor"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """A NumPy scalar or a one-element tensor (where the knob is not a tensor) as its Python value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Tensor) and not _fits(value, tp) and value.numel() == 1 and not value.is_meta:
+        return value.item()
+    return value
+
+
+def _numbers(value: Any) -> list[Any]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def check_knobs(info: MethodInfo, knobs: dict[str, Any]) -> dict[str, Any]:
+    """Validate the knobs of one call of ``info``'s method; returns them with NumPy scalars as Python values.
+
+    Each knob must have its annotated type (an int knob rejects ``2.5`` and ``True``, a bool knob rejects ``1`` and
+    ``1.0``, a float knob accepts ints; list/tuple knobs check their entries), every float is finite, and the
+    method's ``knob_ranges`` and ``knob_rules`` hold. Errors (``TypeError`` for a type, ``ValueError`` for a value)
+    name the method, the knob and what it accepts. Names that are not knobs (signals, ``mask``) pass unchecked.
+    """
+    out = dict(knobs)
+    where = f"method {info.name!r}"
+    for key, value in knobs.items():
+        if key not in info.defaults:
+            continue
+        tp = info.knob_types.get(key, Any)
+        value = out[key] = _scalar(value, tp)
+        if not _fits(value, tp):
+            raise TypeError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        nums = _numbers(value)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in nums):
+            raise ValueError(f"{where}: {key} must be finite, got {value!r}")
+        rng = info.knob_ranges.get(key)
+        if isinstance(rng, tuple):
+            if value not in rng:
+                raise ValueError(f"{where}: {key} must be one of {rng}, got {value!r}")
+        elif rng is not None and not all(v in rng for v in nums):
+            each = "each entry of " if isinstance(value, (list, tuple)) else ""
+            raise ValueError(f"{where}: {each}{key} must be {rng}, got {value!r}")
+    full = {**info.defaults, **{k: v for k, v in out.items() if k in info.defaults}}
+    for requirement, rule in info.knob_rules:
+        names = list(inspect.signature(rule).parameters)
+        if not rule(**{k: full[k] for k in names}):
+            got = ", ".join(f"{k}={full[k]!r}" for k in names)
+            raise ValueError(f"{where}: {requirement}; got {got}")
+    return out

@@ -12,7 +12,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from ..core import Reduction, reduction_from_merge, resolve_keep
+from ..core import Reduction, check_keep, reduction_from_merge, resolve_keep
 from ._sparsevlm_ops import (
     SPARSEVLM_BUDGETS,
     sparsevlm_raters,
@@ -64,10 +64,10 @@ def budgets(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
     ys = torch.tensor([[0.0] * 3] + [[v / REF_TOKENS for v in table[p]] for p in points] + [[1.0] * 3],
                       dtype=torch.float64)
     per_image = n.double() / images.clamp(min=1).double()
+    keep = check_keep(keep)
     if isinstance(keep, float):
         ratio = resolve_keep(keep, n).double() / n.clamp(min=1).double()
     else:
-        resolve_keep(keep, 1)
         ratio = (float(keep) / per_image.clamp(min=1)).clamp(max=1.0)
     out = []
     for s in range(3):
@@ -116,7 +116,8 @@ def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           venue="ICML 2025", repo="https://github.com/Gumpest/SparseVLMs", stage="llm", kind="merge",
           signals=("llm_text_attn", "llm_embeds", "text", "text_mask"), parity=True,
           fixture=("sparsevlm_attn_topk", "sparsevlm_cluster_merge"), exact=False,
-          schedule=LLMSchedule(_layers, _counts))
+          schedule=LLMSchedule(_layers, _counts),
+          knob_ranges={"ref_depth": ">= 1"})
 def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               llm_embeds: Tensor | None = None, text: Tensor | None = None, text_mask: Tensor | None = None,
               layers: Sequence[int] = (2, 6, 15), ref_depth: int = 32, recycle: bool = True) -> Reduction:

@@ -23,7 +23,8 @@ from .registry import LLMSchedule, register
 
 @register("todre", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models", venue="arXiv 2025", repo=None, stage="pre_llm", kind="prune",
-          optional_signals=("vision_features",))
+          optional_signals=("vision_features",),
+          knob_ranges={"metric": ("cosine", "euclidean")})
 def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_features: Tensor | None = None,
           metric: str = "cosine") -> Reduction:
     """Keep ``counts[b]`` tokens chosen by greedy k-center on their features (ToDRE stage 1).
@@ -79,7 +80,8 @@ def _llm_counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
 
 @register("todre_llm", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models", venue="arXiv 2025", repo=None, stage="llm", kind="prune",
-          signals=("llm_text_attn", "text_mask"), exact=False, schedule=LLMSchedule(_llm_layers, _llm_counts))
+          signals=("llm_text_attn", "text_mask"), exact=False, schedule=LLMSchedule(_llm_layers, _llm_counts),
+          knob_ranges={"threshold": "[0, 1]", "ref_depth": ">= 1"})
 def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               text_mask: Tensor | None = None, layer: int = 28, ref_depth: int = 32,
               threshold: float = 0.1) -> Reduction:

@@ -21,7 +21,8 @@ def _no_padding(mask: Tensor | None, method: str) -> None:
 
 
 @register("token_shuffle", paper=_PAPER, venue="arXiv 2025", repo=None, stage="pre_llm", kind="layout",
-          signals=("grid",))
+          signals=("grid",),
+          knob_ranges={"window": ">= 1"})
 def token_shuffle(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
                   grid: tuple[int, int] | None = None, window: int | None = None) -> Reduction:
     """Token-Shuffle (Ma et al., 2025): every ``s x s`` window of the ``grid = (H, W)`` becomes one token whose
@@ -64,7 +65,8 @@ def token_shuffle(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
 
 
 @register("token_unshuffle", paper=_PAPER, venue="arXiv 2025", repo=None, stage="pre_llm", kind="layout",
-          signals=("grid",), needs_keep=False)
+          signals=("grid",), needs_keep=False,
+          knob_ranges={"window": ">= 1"})
 def token_unshuffle(tokens: Tensor, counts: Tensor | None = None, *, mask: Tensor | None = None,
                     grid: tuple[int, int] | None = None, window: int | None = None) -> Reduction:
     """Token-Unshuffle (Ma et al., 2025), the exact inverse of ``token_shuffle``: ``tokens [B, M, s^2 D]`` on the

@@ -47,7 +47,10 @@ def finish(state: MergeState, tokens: Tensor, extras: dict) -> Reduction:
           repo="https://github.com/facebookresearch/ToMe", space="vision", stage="encoder", kind="merge",
           optional_signals=("keys", "sizes"), parity=True, fixture="tome",
           encoder_schedule={"layers": "all", "schedule": "constant"},
-          signal_spec={"sizes": {"proportional_attention": True}})
+          signal_spec={"sizes": {"proportional_attention": True}},
+          knob_ranges={"r": ">= 1"},
+          knob_rules=[("distill_token=True needs class_token=True (DeiT layout [CLS, DIST, patches])",
+                       lambda distill_token, class_token: class_token or not distill_token)])
 def tome(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, distill_token: bool = False,
          r: int | Sequence[int] | None = None) -> Reduction:

@@ -46,7 +46,10 @@ def _first_argmax(x: Tensor) -> Tensor:
                                     "note": "CLS row of the layer's attention probabilities (official: head sum, "
                                             "same ranking)"},
                        "keys": {"layer": -2, "heads": "mean", "note": "key states of the same layer averaged over "
-                                                                      "heads, before the attention scale"}})
+                                                                      "heads, before the attention scale"}},
+          knob_ranges={"contextual": ">= 0"},
+          knob_rules=[("contextual is an int count >= 0 or a float ratio of keep in [0, 1]",
+                       lambda contextual: isinstance(contextual, int) or contextual <= 1.0)])
 def visionzip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
               keys: Tensor | None = None, contextual: int | float = PAPER_CONTEXTUAL_RATIO) -> Reduction:
     """Keep the dominant patches by [CLS] attention and merge the rest into a few contextual tokens.

@@ -41,15 +41,21 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
     """Validate ``method`` (a name, or a list of names / ``(name, {knobs, keep})`` pairs) into stage-ordered steps.
 
     ``keep`` and ``kwargs`` apply to every method that accepts them; a knob no method accepts is a ``TypeError``.
+    Every step's knobs go through the method's own check (type, range, rules: :func:`vtoken.methods.registry.
+    check_knobs`, as :func:`vtoken.reduce` runs it), so a bad knob fails here, naming the method and the knob.
     """
+    if not isinstance(method, (str, list, tuple)):
+        raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()) "
+                        f"or a list of names / (name, {{knobs}}) pairs, got {method!r}")
     items = [method] if isinstance(method, str) else list(method)
     if not items:
         raise ValueError("method must name at least one method (a name or a list of names)")
     steps: list[Step] = []
     for item in items:
-        name, own = (item, {}) if isinstance(item, str) else item if isinstance(item, tuple) else (None, None)
-        if name is None or not isinstance(own, dict):
+        pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)
+        if not (isinstance(item, str) or pair):
             raise TypeError(f"method list entries must be names or (name, dict) pairs, got {item!r}")
+        name, own = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
         info = get_method(name)
         step_keep = own.pop("keep", keep) if own else keep
         if info.needs_keep:
@@ -63,7 +69,7 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
                 raise TypeError(f"method {info.name!r} got an unexpected argument {k!r}; "
                                 f"knobs: {sorted(info.defaults)}")
         knobs.update(own)
-        steps.append(Step(info, step_keep, knobs))
+        steps.append(Step(info, step_keep, info.check_knobs(knobs)))  # the check vtoken.reduce runs, at apply()
     for k in kwargs:
         if k in SIGNALS or k == "mask":
             raise TypeError(f"{k!r} is a signal the model adapter collects itself; do not pass it to apply()")

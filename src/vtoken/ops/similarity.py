@@ -33,5 +33,6 @@ def pairwise_sq_euclidean(a: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 def float32(x: Tensor) -> Tensor:
-    """Scores are computed in float32 whatever the tokens' dtype (fp16/bf16 inputs)."""
+    """``x`` in the dtype scores are computed in: float32 for float32/fp16/bf16, float64 stays float64 (the policy of
+    :func:`vtoken.core.compute_dtype`; ``vtoken.reduce`` casts the floating signals to the same dtype)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
