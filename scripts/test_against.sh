@@ -20,9 +20,13 @@ echo "torch==$torch" > "$venv/constraints.txt"
 if [ "$what" = latest ]; then
   "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -c "$venv/constraints.txt" -e ".[dev]"
 else
-  # that release, and whatever versions of its own dependencies (hub, tokenizers) pip resolves for it
-  echo "transformers==$what" >> "$venv/constraints.txt"
-  "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e ".[dev]"
+  # that release (also one below pyproject's range, to find the lowest that passes), whatever versions of its own
+  # dependencies (hub, tokenizers) pip resolves for it, and vtoken's other requirements
+  reqs="$("$venv/bin/python" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(r for r in p["dependencies"] + p["optional-dependencies"]["dev"] if not r.startswith("transformers")))')"
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" "transformers==$what" $reqs
+  "$venv/bin/python" -m pip install -q --no-deps -e .
 fi
 if "$venv/bin/python" -m pip show -q torchvision >/dev/null 2>&1; then
   "$venv/bin/python" -m pip uninstall -q -y torchvision
