@@ -75,8 +75,9 @@ def test_percentile_and_iqr_match_numpy() -> None:
     m = torch.rand(4, 101, generator=g) > 0.3
     for q in (0, 25, 50, 75, 90, 100):
         got = percentile(x, q, m)
-        ref = [np.percentile(x[i][m[i]].numpy(), q) for i in range(4)]
-        assert got.tolist() == [float(r) for r in ref]
+        ref = torch.tensor([float(np.percentile(x[i][m[i]].numpy(), q)) for i in range(4)])
+        # numpy's linear interpolation rounds differently across releases: equal to a few float32 ulps
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-6, atol=0)
     count, frac = iqr_outlier_fraction(x, m)
     for i in range(4):
         v = x[i][m[i]].numpy()

@@ -122,3 +122,14 @@ def test_vit_layers_are_checked_at_apply():
         assert_unpatched(model, hooks)
     with vtoken.apply(model, "tome", keep=0.5, layers=[-1, 0]):
         pass
+
+
+def test_a_method_that_is_not_a_name_is_named_at_apply():
+    model = fresh()
+    hooks = hook_counts(model)
+    for bad, match in ((None, r"method must be a registered method name"),
+                       (("divprune", 8), r"keep=8\) or \[\('divprune', \{'keep': 8\}\)\]"),
+                       ([("divprune", 8)], r"method: list entries"), (42, "method must be")):
+        with pytest.raises(TypeError, match=match):
+            vtoken.apply(model, bad, keep=8)
+        assert_unpatched(model, hooks)

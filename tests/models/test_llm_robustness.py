@@ -55,32 +55,27 @@ def test_qwen_batch_equals_each_sample_for_both_padding_sides(name):
                                  positions=False)
 
 
-def _generate(model: Any, inputs: Inputs, **kw: Any) -> Any:
-    return model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True, **kw)
+def check_static_cache(model: Any, inputs: Inputs, method: Any, keep: int | float) -> None:
+    """``generate(cache_implementation="static")`` (a pre-allocated buffer per layer, as ``torch.compile`` needs)
+    under ``method``: the same tokens and logits as the default dynamic cache."""
+    opts = {**GEN, "return_dict_in_generate": True, "output_logits": True}
+    with vtoken.apply(model, method, keep=keep):
+        dynamic = model.generate(**inputs, **opts)
+        static = model.generate(**inputs, **opts, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", [*LLM, "divprune"])
 def test_static_cache_generates_what_the_dynamic_cache_does(llava, llava_eager, llava_in, name, attn):
-    """``cache_implementation="static"`` (a pre-allocated buffer per layer, as ``torch.compile`` needs): the same
-    tokens and logits as the default dynamic cache, left padding and per-sample kept counts included."""
-    model = llava if attn == "sdpa" else llava_eager
-    with vtoken.apply(model, method(name), keep=0.25):
-        dynamic = _generate(model, llava_in)
-        static = _generate(model, llava_in, cache_implementation="static")
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for a, b in zip(static.logits, dynamic.logits, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    """Left padding and per-sample kept counts included; an llm-stage method and a pre-LLM one."""
+    check_static_cache(llava if attn == "sdpa" else llava_eager, llava_in, method(name), 0.25)
 
 
 def test_static_cache_on_qwen_with_mrope():
-    model, inputs = tiny_qwen2_vl(lm_layers=LAYERS), qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS)
-    with vtoken.apply(model, "pdrop", keep=0.5):
-        dynamic = _generate(model, inputs)
-        static = _generate(model, inputs, cache_implementation="static")
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for a, b in zip(static.logits, dynamic.logits, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    check_static_cache(tiny_qwen2_vl(lm_layers=LAYERS), qwen_inputs(QWEN_GRIDS, QWEN_LENGTHS), "pdrop", 0.5)
 
 
 def test_the_transformers_surface_reads_either_cache_keyword_and_static_buffers():

@@ -47,6 +47,11 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
     if not isinstance(method, (str, list, tuple)):
         raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()) "
                         f"or a list of names / (name, {{knobs}}) pairs, got {method!r}")
+    if isinstance(method, tuple) and len(method) == 2 and isinstance(method[0], str) and not isinstance(
+            method[1], (str, tuple, dict)):
+        name, value = method
+        raise TypeError(f"method {method!r} is not a (name, {{knobs}}) pair; for a budget write "
+                        f"apply(model, {name!r}, keep={value!r}) or [({name!r}, {{'keep': {value!r}}})]")
     items = [method] if isinstance(method, str) else list(method)
     if not items:
         raise ValueError("method must name at least one method (a name or a list of names)")
@@ -54,7 +59,7 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
     for item in items:
         pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)
         if not (isinstance(item, str) or pair):
-            raise TypeError(f"method list entries must be names or (name, dict) pairs, got {item!r}")
+            raise TypeError(f"method: list entries must be names or (name, {{knobs}}) pairs, got {item!r}")
         name, own = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
         info = get_method(name)
         step_keep = own.pop("keep", keep) if own else keep
