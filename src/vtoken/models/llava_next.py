@@ -57,7 +57,7 @@ from ..api import reduce
 from ..core import (
     Reduction,
     check_mask,
-    check_signal,
+    check_signals,
     check_tokens,
     gather_rows,
     identity_reduction,
@@ -88,7 +88,7 @@ def reduce_counts(info: MethodInfo, tokens: Tensor, counts: Tensor, mask: Tensor
     for name in info.signals:
         if signals.get(name) is None:
             raise ValueError(f"method {info.name!r} needs the signal {name!r}")
-    sig = {k: check_signal(k, v, tokens, info.name) for k, v in signals.items() if v is not None}
+    sig = check_signals(signals, tokens, info.name)
     n_valid = mask.sum(-1) if mask is not None else torch.full_like(counts, tokens.shape[1])
     counts = counts.to(tokens.device).minimum(n_valid).clamp(min=1)
     if bool((counts >= n_valid).all()):

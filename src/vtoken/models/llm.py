@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import Reduction, check_mask, check_signal, gather_rows
+from ..core import Reduction, check_mask, check_signals, gather_rows
 from ..ops.attention import attention_pagerank
 from .hf import attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
@@ -426,8 +426,9 @@ class DecoderPruner:
 
         x, m = rows(tokens), rows(vmask)
         mask = check_mask(m, x) if not bool(m.all()) else None
-        sig = {k: check_signal(k, rows(v), x, info.name) if k in info.signals or k in info.optional_signals else
-               rows(v) for k, v in signals.items()}
+        wanted = set(info.signals) | set(info.optional_signals)
+        sig = {k: rows(v) for k, v in signals.items() if k not in wanted}
+        sig.update(check_signals({k: rows(v) for k, v in signals.items() if k in wanted}, x, info.name))
         red = info.fn(x, rows(counts), mask=mask, **sig, **knobs)
         if sub is None:
             return red
