@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .api import methods, reduce
 from .core import SIGNALS, Reduction, resolve_keep
-from .methods import MethodInfo, get_method, register
+from .methods import MethodInfo, MethodSpec, get_method, method, register
 from .models import Handle, apply, handle_of
 
 __version__ = "0.1.0"
@@ -13,11 +13,13 @@ __all__ = [
     "SIGNALS",
     "Handle",
     "MethodInfo",
+    "MethodSpec",
     "Reduction",
     "__version__",
     "apply",
     "get_method",
     "handle_of",
+    "method",
     "methods",
     "reduce",
     "register",

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .bench.errors import UsageError, user_input
 from .methods import STAGES, all_methods, get_method
@@ -93,14 +93,73 @@ def _console():
     return Console(width=200) if not sys.stdout.isatty() else Console()
 
 
+def fixture_cases(info: Any) -> dict[str, int | None]:
+    """Golden cases per fixture directory of ``info`` (``None`` where the fixtures are not on this machine: they
+    live in ``VTOKEN_PARITY_FIXTURES``, default ``../shared/fixtures/parity`` beside the checkout)."""
+    env = os.environ.get("VTOKEN_PARITY_FIXTURES")
+    root = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "parity"
+    dirs = info.fixture if isinstance(info.fixture, tuple) else (info.fixture or info.name,)
+    out: dict[str, int | None] = {}
+    for d in dirs:
+        manifest = root / d / "manifest.json"
+        out[d] = len(json.loads(manifest.read_text()).get("cases", [])) if manifest.is_file() else None
+    return out
+
+
+def method_card(info: Any) -> str:
+    """The card ``vtoken methods NAME`` prints: paper, stage, signals, every knob (type, default, range, doc; the
+    main ones first), the families it runs on and its parity status."""
+    from .methods.registry import type_name
+    from .models import ADAPTERS
+
+    lines = [f"{info.name}: {info.summary}", "",
+             f"  paper    {info.paper} ({info.venue})", f"  code     {info.repo or '-'}",
+             f"  stage    {info.stage}, {info.kind}" + ("" if info.exact else " (adaptive count: at most keep)")]
+    sig = [f"{s} (required)" for s in info.signals] + [f"{s} (optional)" for s in info.optional_signals]
+    lines.append(f"  signals  {', '.join(sig) or 'none (the tokens alone)'}")
+
+    def knob(k: str) -> str:
+        rng = info.knob_ranges.get(k)
+        where = "" if rng is None else f", {'one of ' + str(rng) if isinstance(rng, tuple) else rng}"
+        return (f"    {k}: {type_name(info.knob_types.get(k, Any))} = {info.defaults[k]!r}{where}\n"
+                f"        {info.knob_docs.get(k, '(undocumented)')}")
+
+    main = [k for k in info.main_knobs if k in info.defaults]
+    rest = [k for k in info.defaults if k not in main]
+    if not info.defaults:
+        lines.append("  knobs    none (keep is the only budget)")
+    if main:
+        lines += ["  important knobs", *map(knob, main)]
+    if rest:
+        lines += ["  knobs to tinker with" if main else "  knobs", *map(knob, rest)]
+    runs = [(a.family, a.unsupported(info)) for a in ADAPTERS]
+    lines.append(f"  runs on  {', '.join(f for f, why in runs if why is None) or 'no model family (tensor API only)'}")
+    for family, why in runs:
+        if why is not None:
+            lines.append(f"    not {family}: {why}")
+    if info.parity:
+        got = ", ".join(f"{d}: {n if n is not None else 'fixtures not on this machine'}"
+                        + (" cases" if n is not None else "") for d, n in fixture_cases(info).items())
+        lines.append(f"  parity   golden fixtures from the official code ({got})")
+    else:
+        lines.append("  parity   no golden fixtures (reimplemented from the paper)")
+    return "\n".join(lines)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .models import families_supporting
 
+    if args.name:
+        with user_input("methods NAME"):
+            info = get_method(args.name)
+        print(method_card(info))
+        return 0
     infos = [m for m in all_methods() if args.stage is None or m.stage == args.stage]
     if args.json:
         rows = [{"name": m.name, "paper": m.paper, "venue": m.venue, "repo": m.repo, "stage": m.stage,
                  "kind": m.kind, "signals": list(m.signals), "optional_signals": list(m.optional_signals),
-                 "defaults": {k: repr(v) for k, v in m.defaults.items()}, "parity_tested": m.parity,
+                 "summary": m.summary, "defaults": {k: repr(v) for k, v in m.defaults.items()},
+                 "knob_docs": m.knob_docs, "parity_tested": m.parity,
                  "models": families_supporting(m)}
                 for m in infos]
         print(json.dumps(rows, indent=2))
@@ -108,13 +167,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"vtoken methods ({len(infos)})")
-    for col in ("name", "paper", "venue", "stage", "kind", "signals", "parity", "models"):
+    for col in ("name", "summary", "paper", "venue", "stage", "kind", "signals", "parity", "models"):
         table.add_column(col, overflow="fold")
     for m in infos:
         sig = ", ".join(m.signals) or "-"
         if m.optional_signals:
             sig += f" (opt: {', '.join(m.optional_signals)})"
-        table.add_row(m.name, m.paper, m.venue, m.stage, m.kind, sig, "yes" if m.parity else "-",
+        table.add_row(m.name, m.summary, m.paper, m.venue, m.stage, m.kind, sig, "yes" if m.parity else "-",
                       ", ".join(families_supporting(m)) or "-")
     _console().print(table)
     return 0
@@ -201,7 +260,9 @@ _DOWNLOAD_HELP = ("let --model be a Hugging Face hub id, downloaded if not cache
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vtoken", description="Training-free visual-token reduction.")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("methods", help="list every method with paper, stage, signals and parity status")
+    m = sub.add_parser("methods", help="list every method (summary, paper, stage, signals, parity), or print one "
+                                       "method's card: vtoken methods NAME")
+    m.add_argument("name", nargs="?", default=None, help="a method: print its card (knobs with type, default, range)")
     m.add_argument("--stage", choices=STAGES, help="only methods of this stage")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=cmd_methods)

@@ -15,11 +15,11 @@ from vtoken.bench.micro_llava import (
     PAD_ID,
     build_processor,
     build_tokenizer,
-    chat_prompt,
     default_model_path,
     load_micro_llava,
     micro_llava_config,
     pixel_values,
+    rendered_prompt,
     vocab,
 )
 from vtoken.bench.train_llava import (
@@ -64,7 +64,7 @@ def test_vocabulary_covers_every_task_word():
     v = vocab()
     assert all(w in v for w in fashion.vocabulary())
     for ex in fashion.load_default_test_set()[:50]:
-        ids = tok(chat_prompt(ex.question) + " " + ex.answer, add_special_tokens=False)["input_ids"]
+        ids = tok(rendered_prompt(ex.question) + " " + ex.answer, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids
         assert ids.count(IMAGE_ID) == 1
         assert tok.decode(tok(ex.answer, add_special_tokens=False)["input_ids"]) == ex.answer
@@ -75,8 +75,8 @@ def test_processor_renders_llava_prompt_and_expands_144_image_tokens(test_exampl
     ex = test_examples[0]
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                      "text": ex.question}]}], add_generation_prompt=True)
-    assert text == chat_prompt(ex.question)
-    inputs = proc(images=[e.image for e in test_examples[:3]], text=[chat_prompt(e.question) for e in
+    assert text == rendered_prompt(ex.question)
+    inputs = proc(images=[e.image for e in test_examples[:3]], text=[rendered_prompt(e.question) for e in
                                                                      test_examples[:3]],
                   return_tensors="pt", padding=True)
     assert ((inputs["input_ids"] == IMAGE_ID).sum(1) == NUM_IMAGE_TOKENS).all()
@@ -145,7 +145,7 @@ def test_conversation_labels_are_answers_only(test_examples):
     assert supervised == answers
     # the first turn is exactly the single-turn prompt the processor builds
     tok = build_tokenizer()
-    first = tok(chat_prompt(test_examples[0].question))["input_ids"]
+    first = tok(rendered_prompt(test_examples[0].question))["input_ids"]
     expanded = [t for i in first for t in ([IMAGE_ID] * NUM_IMAGE_TOKENS if i == IMAGE_ID else [i])]
     assert ids[:len(expanded)] == expanded
 

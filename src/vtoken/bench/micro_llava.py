@@ -123,8 +123,9 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def chat_prompt(question: str) -> str:
-    """The single-turn prompt the chat template renders for ``question`` (image first)."""
+def rendered_prompt(question: str) -> str:
+    """The text the micro LLaVA's chat template renders for one user turn asking ``question`` (image first); the
+    bench builds its prompts with the template itself (:func:`vtoken.bench.run.chat_prompt`)."""
     return f"USER: <image>\n{question} ASSISTANT:"
 
 

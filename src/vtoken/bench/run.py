@@ -406,7 +406,7 @@ def _overlay_to_json(data: dict[str, Any] | None) -> dict[str, Any] | None:
     if data is None:
         return None
     return {"indices": data["indices"].tolist(), "mask": data["mask"].tolist(), "n_tokens": data["n_tokens"],
-            "assign": data["assign"].tolist() if data["assign"] is not None else None}
+            "assign": data["assign"].tolist() if data["assign"] is not None else None, "llm": data.get("llm", [])}
 
 
 def _overlay_from_json(data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -415,7 +415,7 @@ def _overlay_from_json(data: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"indices": torch.tensor(data["indices"], dtype=torch.long),
             "mask": torch.tensor(data["mask"], dtype=torch.bool), "n_tokens": int(data["n_tokens"]),
             "assign": torch.tensor(data["assign"], dtype=torch.long) if data["assign"] is not None else None,
-            "llm": []}
+            "llm": list(data.get("llm", []))}
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -612,4 +612,5 @@ def _first_reductions(handle: Any, n_tokens: int, n: int) -> dict[str, Any]:
     k = min(n, red.indices.shape[0])
     return {"indices": red.indices[:k].cpu(), "mask": red.mask[:k].cpu(), "n_tokens": n_tokens,
             "assign": red.assign[:k].cpu() if red.assign is not None else None,
-            "llm": [dict(r) for r in getattr(getattr(handle.adapter, "pruner", None), "records", None) or []]}
+            "llm": [{key: stage[key] for key in ("layer", "method", "visual_in", "visual_out")}
+                    for stage in (red.extras.get("llm") or {}).get("stages", [])]}

@@ -6,9 +6,11 @@ import importlib
 import pkgutil
 
 from .registry import KINDS, STAGES, LLMSchedule, MethodInfo, all_methods, get_method, register
+from .spec import MethodSpec, method
 
-__all__ = ["KINDS", "STAGES", "LLMSchedule", "MethodInfo", "all_methods", "get_method", "register"]
+__all__ = ["KINDS", "STAGES", "LLMSchedule", "MethodInfo", "MethodSpec", "all_methods", "get_method", "method",
+           "register"]
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "registry" and not _mod.startswith("_"):
+    if _mod not in ("registry", "spec") and not _mod.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod}")

@@ -7,7 +7,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,10 +115,28 @@ class MethodInfo:
     knob_ranges: dict[str, Range | tuple[Any, ...]] = field(default_factory=dict)
     knob_rules: tuple[KnobRule, ...] = ()
     signal_shapes: dict[str, str] = field(default_factory=dict)
+    #: one-line documentation of each knob (from the function's ``Args:``), and the knobs that matter most (shown
+    #: apart from those kept for parity in ``vtoken methods NAME``)
+    knob_docs: dict[str, str] = field(default_factory=dict)
+    main_knobs: tuple[str, ...] = ()
+    #: every keyword the function takes (signals, knobs, ``mask``), computed once at registration
+    params: frozenset[str] = frozenset()
 
     def check_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
         """:func:`check_knobs` for this method."""
         return check_knobs(self, knobs)
+
+    @property
+    def all_signals(self) -> tuple[str, ...]:
+        """Required then optional signals."""
+        return (*self.signals, *self.optional_signals)
+
+    def check_arguments(self, names: Iterable[str]) -> None:
+        """A ``TypeError`` naming the first of ``names`` that is neither a signal nor a knob of this method."""
+        for key in names:
+            if key not in self.params or key == "mask":
+                raise TypeError(f"method {self.name!r} got an unexpected argument {key!r}; its knobs: "
+                                f"{sorted(self.defaults)}, its signals: {list(self.all_signals)}")
 
 
 def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
@@ -130,7 +148,8 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
              schedule: LLMSchedule | None = None,
              knob_ranges: dict[str, KnobRange] | None = None,
              knob_rules: Sequence[KnobRule] = (),
-             signal_shapes: dict[str, str] | None = None) -> Callable[[Fn], Fn]:
+             signal_shapes: dict[str, str] | None = None,
+             main_knobs: Sequence[str] = ()) -> Callable[[Fn], Fn]:
     """Register a method function under ``name`` with its paper metadata.
 
     ``signals`` are required keyword signals (names from :data:`vtoken.core.SIGNALS`), ``optional_signals`` are
@@ -184,6 +203,11 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         if unknown:
             raise ValueError(f"method {name!r}: knob_ranges names {sorted(unknown)}, not among its knobs "
                              f"{sorted(defaults)}")
+        if set(main_knobs) - set(defaults):
+            raise ValueError(f"method {name!r}: main_knobs names {sorted(set(main_knobs) - set(defaults))}, not "
+                             f"among its knobs {sorted(defaults)}")
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            raise TypeError(f"method {name!r}: name every signal and knob in the signature (no **kwargs)")
         for _, rule in knob_rules:
             if set(inspect.signature(rule).parameters) - set(defaults):
                 raise ValueError(f"method {name!r}: a knob rule names arguments that are not its knobs")
@@ -195,7 +219,8 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             encoder_schedule=dict(encoder_schedule or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "), schedule=schedule,
             knob_types=_knob_types(fn, defaults), knob_ranges=ranges, knob_rules=tuple(knob_rules),
-            signal_shapes=dict(signal_shapes or {}),
+            signal_shapes=dict(signal_shapes or {}), knob_docs=_arg_docs(doc, defaults),
+            main_knobs=tuple(main_knobs), params=frozenset(k for k in params if k not in ("tokens", "counts")),
         )
         if signal_shapes:
             METHOD_SIGNAL_SHAPES[name] = dict(signal_shapes)
@@ -223,6 +248,49 @@ def all_methods() -> list[MethodInfo]:
 # ---------------------------------------------------------------------------------------------------------------
 # knob validation
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _arg_docs(doc: str, names: Iterable[str]) -> dict[str, str]:
+    """The first sentence documenting each of ``names`` in a Google-style ``Args:`` block (entries such as ``knob:
+    text`` or ``a, b: text``, continuation lines indented)."""
+    wanted = set(names)
+    out: dict[str, str] = {}
+    entries: list[tuple[list[str], list[str]]] = []
+    block = False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            block = True
+            continue
+        if not block:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^ {4}([A-Za-z_][\w, ]*):\s*(.*)$", line)
+        if m:
+            entries.append(([n.strip() for n in m[1].split(",")], [m[2]]))
+        elif entries and line.strip():
+            entries[-1][1].append(line.strip())
+    for keys, text in entries:
+        first = _first_sentence(" ".join(text).strip())
+        for key in keys:
+            if key in wanted:
+                out[key] = first.rstrip(".;") + "."
+    return out
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first ``.`` or ``;`` followed by a blank outside parentheses and backquotes."""
+    depth, quoted = 0, False
+    for i, ch in enumerate(text):
+        if ch == "`":
+            quoted = not quoted
+        elif not quoted and ch in "([{":
+            depth += 1
+        elif not quoted and ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif not quoted and depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[:i]
+    return text
 
 
 def _knob_types(fn: Fn, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -264,18 +332,18 @@ def _fits(value: Any, tp: Any) -> bool:
     return isinstance(value, origin or tp) if isinstance(origin or tp, type) else True
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if _union(tp):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if tp is None or tp is type(None):
         return "None"
     origin = typing.get_origin(tp)
     if origin in (list, tuple, Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         if origin is tuple and len(typing.get_args(tp)) > 1 and typing.get_args(tp)[-1] is not Ellipsis:
-            return f"a tuple ({', '.join(_type_name(a) for a in args)})"
+            return f"a tuple ({', '.join(type_name(a) for a in args)})"
         plural = {bool: "bools", int: "ints", float: "floats", str: "strs"}
-        return f"a list or tuple of {plural.get(args[0], _type_name(args[0])) if args else 'values'}"
+        return f"a list or tuple of {plural.get(args[0], type_name(args[0])) if args else 'values'}"
     names = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a str", Tensor: "a torch.Tensor"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -310,7 +378,7 @@ def check_knobs(info: MethodInfo, knobs: dict[str, Any]) -> dict[str, Any]:
         tp = info.knob_types.get(key, Any)
         value = out[key] = _scalar(value, tp)
         if not _fits(value, tp):
-            raise TypeError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise TypeError(f"{where}: {key} must be {type_name(tp)}, got {value!r} ({type(value).__name__})")
         nums = _numbers(value)
         if any(isinstance(v, float) and not math.isfinite(v) for v in nums):
             raise ValueError(f"{where}: {key} must be finite, got {value!r}")

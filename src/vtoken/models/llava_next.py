@@ -53,16 +53,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from ..api import reduce
-from ..core import (
-    Reduction,
-    check_mask,
-    check_signals,
-    check_tokens,
-    gather_rows,
-    identity_reduction,
-    resolve_keep,
-)
+from ..api import reduce, run_method
+from ..core import Reduction, gather_rows, resolve_keep
 from ..methods import MethodInfo
 from ..ops.crops import apportion
 from .base import ClsTowerAdapter, Images
@@ -81,19 +73,8 @@ def crop_aware(info: MethodInfo) -> bool:
 
 def reduce_counts(info: MethodInfo, tokens: Tensor, counts: Tensor, mask: Tensor | None, signals: dict[str, Any],
                   knobs: dict[str, Any]) -> Reduction:
-    """:func:`vtoken.reduce` with per-row counts ``[R]`` (already resolved, ``>= 1``) instead of one ``keep``: the same
-    validation and the identity when every row keeps all its tokens."""
-    tokens = check_tokens(tokens)
-    mask = check_mask(mask, tokens)
-    for name in info.signals:
-        if signals.get(name) is None:
-            raise ValueError(f"method {info.name!r} needs the signal {name!r}")
-    sig = check_signals(signals, tokens, info.name)
-    n_valid = mask.sum(-1) if mask is not None else torch.full_like(counts, tokens.shape[1])
-    counts = counts.to(tokens.device).minimum(n_valid).clamp(min=1)
-    if bool((counts >= n_valid).all()):
-        return identity_reduction(tokens, mask)
-    return info.fn(tokens, counts, mask=mask, **sig, **knobs)
+    """:func:`vtoken.reduce` with per-row counts ``[R]`` (already resolved, ``>= 1``) instead of one ``keep``."""
+    return run_method(info, tokens, counts, mask=mask, signals=signals, knobs=knobs)
 
 
 class LlavaNextAdapter(LlavaAdapter):

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import Reduction, check_mask, check_signals, gather_rows
+from ..api import run_method
+from ..core import Reduction, gather_rows
 from ..ops.attention import attention_pagerank
 from .hf import attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
@@ -416,8 +417,6 @@ class DecoderPruner:
     def run(self, p: Planned, tokens: Tensor, counts: Tensor, vmask: Tensor, signals: dict[str, Any]) -> Reduction:
         """The step's method on the samples that have visual tokens (the others keep nothing to prune)."""
         info = p.step.info
-        params = inspect.signature(info.fn).parameters
-        knobs = {k: v for k, v in p.step.kwargs.items() if k in params}
         has = vmask.any(1)
         sub = None if bool(has.all()) else has.nonzero()[:, 0]
 
@@ -425,11 +424,10 @@ class DecoderPruner:
             return x[sub] if sub is not None and isinstance(x, Tensor) else x
 
         x, m = rows(tokens), rows(vmask)
-        mask = check_mask(m, x) if not bool(m.all()) else None
-        wanted = set(info.signals) | set(info.optional_signals)
-        sig = {k: rows(v) for k, v in signals.items() if k not in wanted}
-        sig.update(check_signals({k: rows(v) for k, v in signals.items() if k in wanted}, x, info.name))
-        red = info.fn(x, rows(counts), mask=mask, **sig, **knobs)
+        wanted = set(info.all_signals)
+        red = run_method(info, x, rows(counts), mask=None if bool(m.all()) else m,
+                         signals={k: rows(v) for k, v in signals.items() if k in wanted},
+                         knobs={k: v for k, v in p.step.kwargs.items() if k in info.params})
         if sub is None:
             return red
         b = tokens.shape[0]

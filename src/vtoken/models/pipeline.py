@@ -6,7 +6,6 @@ the image's original visual tokens; per-token signals are gathered along with th
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from ..api import reduce
 from ..core import SIGNALS, Reduction, gather_rows, resolve_keep
-from ..methods import STAGES, MethodInfo, get_method
+from ..methods import STAGES, MethodInfo, MethodSpec, get_method
 
 #: signals indexed by token along this dim (gathered when tokens are dropped); others pass through unchanged
 TOKEN_DIM = {"cls_attn": 1, "attn_logits": 1, "keys": 1, "vision_features": 1, "crop_ids": 1, "frame_ids": 1,
@@ -36,30 +35,37 @@ class Step:
         return self.info.space
 
 
-def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: int | float | None,
-                kwargs: dict[str, Any]) -> list[Step]:
-    """Validate ``method`` (a name, or a list of names / ``(name, {knobs, keep})`` pairs) into stage-ordered steps.
+def build_steps(method: Any, keep: int | float | None, kwargs: dict[str, Any]) -> list[Step]:
+    """Validate ``method`` (a name, a :func:`vtoken.method` spec, or a list of names / specs / ``(name, {knobs,
+    keep})`` pairs) into stage-ordered steps.
 
-    ``keep`` and ``kwargs`` apply to every method that accepts them; a knob no method accepts is a ``TypeError``.
-    Every step's knobs go through the method's own check (type, range, rules: :func:`vtoken.methods.registry.
-    check_knobs`, as :func:`vtoken.reduce` runs it), so a bad knob fails here, naming the method and the knob.
+    ``keep`` and ``kwargs`` apply to every method that accepts them (a spec's or a pair's own take precedence); a knob
+    no method accepts is a ``TypeError``. Every step's knobs go through the method's own check (type, range, rules:
+    :func:`vtoken.methods.registry.check_knobs`, as :func:`vtoken.reduce` runs it), so a bad knob fails here, naming
+    the method and the knob.
     """
-    if not isinstance(method, (str, list, tuple)):
-        raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()) "
-                        f"or a list of names / (name, {{knobs}}) pairs, got {method!r}")
-    if isinstance(method, tuple) and len(method) == 2 and isinstance(method[0], str) and not isinstance(
-            method[1], (str, tuple, dict)):
+    if isinstance(method, (str, MethodSpec)):
+        items = [method]
+    elif isinstance(method, tuple) and len(method) == 2 and isinstance(method[0], str) and not isinstance(
+            method[1], (str, tuple, dict, MethodSpec)):
         name, value = method
         raise TypeError(f"method {method!r} is not a (name, {{knobs}}) pair; for a budget write "
-                        f"apply(model, {name!r}, keep={value!r}) or [({name!r}, {{'keep': {value!r}}})]")
-    items = [method] if isinstance(method, str) else list(method)
+                        f"apply(model, {name!r}, keep={value!r}) or vtoken.method({name!r}, keep={value!r})")
+    elif isinstance(method, (list, tuple)):
+        items = list(method)
+    else:
+        raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()), "
+                        f"a vtoken.method(...) spec or a list of them / (name, {{knobs}}) pairs, got {method!r}")
     if not items:
         raise ValueError("method must name at least one method (a name or a list of names)")
     steps: list[Step] = []
     for item in items:
+        if isinstance(item, MethodSpec):
+            item = item.pair()
         pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)
         if not (isinstance(item, str) or pair):
-            raise TypeError(f"method: list entries must be names or (name, {{knobs}}) pairs, got {item!r}")
+            raise TypeError(f"method: list entries must be names, vtoken.method(...) specs or (name, {{knobs}}) "
+                            f"pairs, got {item!r}")
         name, own = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
         info = get_method(name)
         step_keep = own.pop("keep", keep) if own else keep
@@ -67,18 +73,17 @@ def build_steps(method: str | Sequence[str | tuple[str, dict[str, Any]]], keep: 
             if step_keep is None:
                 raise ValueError(f"keep is required for method {info.name!r}: an int >= 1 or a float in (0, 1]")
             resolve_keep(step_keep, 1)  # validates type and range, raises naming keep
-        params = inspect.signature(info.fn).parameters
-        knobs = {k: v for k, v in kwargs.items() if k in params}
-        for k in own:
-            if k not in params or k in SIGNALS or k == "mask":
-                raise TypeError(f"method {info.name!r} got an unexpected argument {k!r}; "
-                                f"knobs: {sorted(info.defaults)}")
+        signals = sorted(k for k in own if k in SIGNALS)
+        if signals:
+            raise TypeError(f"{signals} are signals the model adapter collects itself; do not pass them to apply()")
+        info.check_arguments(own)
+        knobs = {k: v for k, v in kwargs.items() if k in info.defaults}
         knobs.update(own)
         steps.append(Step(info, step_keep, info.check_knobs(knobs)))  # the check vtoken.reduce runs, at apply()
     for k in kwargs:
         if k in SIGNALS or k == "mask":
             raise TypeError(f"{k!r} is a signal the model adapter collects itself; do not pass it to apply()")
-        if not any(k in inspect.signature(s.info.fn).parameters for s in steps):
+        if not any(k in s.info.defaults for s in steps):
             raise TypeError(f"no method in {[s.info.name for s in steps]} accepts the argument {k!r}")
     order = {"vision": 0, "llm": 1}
     return sorted(steps, key=lambda s: (STAGES.index(s.info.stage), order.get(s.space, 1)))
