@@ -128,7 +128,7 @@ def test_a_method_that_is_not_a_name_is_named_at_apply():
     model = fresh()
     hooks = hook_counts(model)
     for bad, match in ((None, r"method must be a registered method name"),
-                       (("divprune", 8), r"keep=8\) or \[\('divprune', \{'keep': 8\}\)\]"),
+                       (("divprune", 8), r"keep=8\) or vtoken.method\('divprune', keep=8\)"),
                        ([("divprune", 8)], r"method: list entries"), (42, "method must be")):
         with pytest.raises(TypeError, match=match):
             vtoken.apply(model, bad, keep=8)

@@ -38,6 +38,10 @@ def aim_merge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, key
     reproduces the official two-call schedule ``r = T // 2`` then ``T // 4``. ``r`` caps the merges per round (an int,
     or a per-round list such as ``[T // 2, T // 4]``; later rounds unlimited). A given metric is averaged along.
 
+    Args:
+        r: the most tokens merged per round, an int for every round or a per-round list (default None, unlimited).
+            Rounds past the list are unlimited; ``keep`` sets the total.
+
     Returns a :class:`Reduction` (``assign [F, T]``, ``sizes [F, K]`` member counts); ``extras`` as ``tome``:
     per-round ``unm_idx``/``src_idx``/``dst_idx``/``r`` lists and ``order`` (official output order of the last round).
     """
@@ -89,11 +93,12 @@ def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn_
             visual tokens): per head, 5 power steps of a uniform distribution through ``softmax(logits / 0.1)``
             (causal), heads combined by root mean square (the official ``get_importance``). Text tokens are never
             pruned (AIM protects them).
-        start, end: the piecewise-linear schedule, in decoder layers given for ``ref_depth`` (official 14 and 22 of
-            Qwen2-7B's 28 layers) and scaled to the model: layers up to ``start`` see every visual token, layer ``K``
-            sees ``floor(n * (end - K) / (end - start))`` of the ``n`` entering the language model (the official
-            ``retain_rate`` of layer ``K - 1``: 7/8 at layer 15, ..., 1/8 at 21, none from 22).
-        ref_depth: the depth ``start`` and ``end`` are given for.
+        start, end: the decoder layers where the linear pruning schedule starts and ends (official 14 and 22 of
+            Qwen2-7B's 28 layers), given for ``ref_depth`` and scaled to the model. Layers up to ``start`` see every
+            visual token, layer ``K`` sees ``floor(n * (end - K) / (end - start))`` of the ``n`` entering the
+            language model (the official ``retain_rate`` of layer ``K - 1``: 7/8 at layer 15, ..., 1/8 at 21, none
+            from 22).
+        ref_depth: the depth ``start`` and ``end`` are given for (default 28, Qwen2-7B's decoder layers).
 
     ``keep`` is the schedule's floor: no layer keeps fewer than ``keep`` visual tokens (an int per image, or a ratio
     of ``n``), so ``keep=1.0`` is the identity and ``keep=1`` (one per image) is closest to the official schedule,

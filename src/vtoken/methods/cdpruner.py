@@ -81,6 +81,10 @@ def cdpruner(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, visi
     ``relevance_norm="sample"`` (default) normalises each sample on its own; ``"batch"`` reproduces the official
     batch-global min/max (images of one prompt then influence each other).
 
+    Args:
+        relevance_norm: where the relevance's min-max normalisation runs, ``"sample"`` (per sample, default) or
+            ``"batch"`` (over the whole batch, as the official code).
+
     Returns ``[B, K, D]`` tokens in source order; ``extras``: ``"order"`` ``[B, K]`` selection order (``-1``
     padded), ``"relevance"`` ``[B, N]``.
     """

@@ -49,11 +49,14 @@ def dart(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_hidd
             concatenated (the pivots' L1 norm runs over all heads).
         positions: optional ``[B, N]`` sequence index of each visual token (the instruction tokens follow the last
             one); only the ``"official"`` pivot order reads it. Default ``0 .. N - 1``.
-        layer: ``K`` (paper default 2): layers ``< K`` see every token.
-        pivot_image_token, pivot_text_token: pivots among the visual tokens / the instruction tokens (``Pi``, ``Pt``;
-            official LLaVA setting 4 + 4).
-        pivot_order: ``"official"`` (CPython ``set`` iteration order over the pivots' positions, as the official
-            code), ``"topk"`` or ``"position"`` (:func:`~vtoken.methods._dart_ops.order_pivots`).
+        layer: ``K``, the first decoder layer that sees only the kept tokens (paper default 2). Layers ``< K`` see
+            every token.
+        pivot_image_token, pivot_text_token: pivot tokens taken among the visual / the instruction tokens by largest
+            key L1 norm (``Pi``, ``Pt``, official LLaVA setting 4 + 4). Text pivots only pick, they are not kept.
+        pivot_order: the order in which the pivots take their picks, ``"official"``, ``"topk"`` or ``"position"``
+            (default ``"official"``, the official code's order). ``"official"`` is CPython's ``set`` iteration order
+            over the pivots' positions, ``"topk"`` image then text pivots by descending norm, ``"position"`` ascending
+            position (:func:`~vtoken.methods._dart_ops.order_pivots`).
 
     Pivots are the tokens of largest key L1 norm; each pivot in turn keeps the ``TOKEN_TOPK`` visual tokens of the
     pool LEAST cosine-similar to it (normed hidden states) and removes them from the pool; kept = image pivots + all

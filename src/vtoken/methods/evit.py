@@ -37,6 +37,11 @@ def evit(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn
     sequence of ``N`` tokens with its CLS, i.e. ``keep = 1 + ceil(keep_rate * (N - 1)) + fuse_token``. A sample that
     keeps all its tokens gets no fused token. Token 0 must be a real token when ``class_token`` is set.
 
+    Args:
+        fuse_token: fuse the dropped patches into one extra attention-weighted token (default True, EViT's fused
+            inattentive token). Without it the dropped patches are discarded.
+        class_token: treat token 0 as the CLS token, always kept and never fused (default False, patches only).
+
     Extras: ``order [B, K]`` output indices in the official emission order (CLS, kept patches by descending
     attention, fused token; ``-1`` padded).
     """

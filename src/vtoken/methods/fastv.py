@@ -34,8 +34,8 @@ def fastv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_att
         mask: optional ``[B, N]`` bool, True on real tokens.
         llm_attn: ``[B, N]`` the last token's attention probabilities to each visual token in layer ``layer - 1``
             (averaged over heads, softmax over the whole sequence), as FastV reads the previous layer's attention map.
-        layer: ``K``, the first decoder layer that sees only the kept tokens (paper default 2; layers ``< K`` keep
-            every token). Used by the schedule; ``keep`` is the paper's ``1 - R`` (``keep=0.5`` is its R = 50%).
+        layer: ``K``, the first decoder layer that sees only the kept tokens (paper default 2). Layers ``< K`` keep
+            every token. Used by the schedule; ``keep`` is the paper's ``1 - R`` (``keep=0.5`` is its R = 50%).
 
     Ties break by lowest index. Returns ``[B, K, D]`` in source order.
     """

@@ -69,6 +69,12 @@ def globalcom2(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, at
     raster position, shifting them on padded crops; both are placement artefacts of its packing, not selections).
     GlobalCom² is meant to run first: after another method, ``mask`` (and so the canvas box) is what is left.
 
+    Args:
+        retention_ratio: ``r``, the thumbnail's keep ratio and the crops' base scale, in ``(0, 1]`` (default None,
+            ``counts[b] / valid tokens``). The official module default is 0.25; only used with crops.
+        temperature: the temperature of the softmax over the crops' thumbnail logit mass that sets the crop scales
+            (official default 10). Larger values spread the budget more evenly over the crops.
+
     Extras: ``order [B, K]`` kept indices per view in descending score order (thumbnail first); ``view_counts
     [B, 1 + C]`` tokens kept per view; ``crop_scales [B, C]`` float64 (with crops).
     """

@@ -52,6 +52,17 @@ def hiprune(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_
     3. registers: the remaining ``k - |anchors + buffers|`` tokens with the highest attention received in the deep
        layer (``attn_received_layers[:, deep_layer]``), excluding the anchors and buffers.
 
+    Args:
+        alpha: the anchor fraction, ``round(k * alpha / 5)`` anchors for a budget of ``k`` (default 0.1, as the
+            official ``HIPRUNE_ALPHA`` runs). Each anchor brings up to 4 buffers, so anchors and buffers take about
+            ``alpha`` of the budget.
+        object_layer: the index into ``attn_received_layers``'s ``L`` layers of the object layer that picks the
+            anchors (default 0, the first collected layer: CLIP layer 9 of 24, 1-based, HiPrune's ``OBJECT_LAYER``).
+        deep_layer: the index into ``attn_received_layers``'s ``L`` layers of the deep layer that picks the registers
+            (default -1, the last collected layer: LLaVA's select layer -2).
+        neighbours: the buffer rule, ``"raster"`` (the official flat-index rule, default) or ``"grid"`` (true 2-D
+            neighbours).
+
     ``attn_received_layers [B, L, N]``: see :data:`vtoken.core.SIGNALS` (the official code averages the full softmax
     map over heads and over all query rows, CLS included). ``tokens [B, N, D]`` -> ``[B, K, D]`` with exactly
     ``counts[b]`` tokens. ``extras``: ``anchors [B, A]`` (descending score, ``-1`` padded), ``object_attention`` and

@@ -56,6 +56,11 @@ def hired(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_att
     official code floors the crop budgets and loses the remainder, here the remainder is handed out so exactly ``K``
     tokens are kept; unpadded (masked) tokens are never kept.
 
+    Args:
+        alpha: the thumbnail's share of an any-resolution image's budget, in ``[0, 1]`` (default 0.5, as the
+            official LLaVA-NeXT runs). The top ``1 - alpha`` of the thumbnail's early-layer tokens split the rest over
+            the crops; unused without crops.
+
     Extras: ``order [B, K]`` kept indices in descending score order (per view, thumbnail first, with crops);
     ``view_counts [B, 1 + C]`` tokens kept per view (with crops).
     """

@@ -56,6 +56,12 @@ def lavit_dynamic(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     similarity to the other tokens (see :func:`distinctiveness`); ``"norm"`` the token L2 norm; ``"auto"`` uses
     ``cls_attn`` when given, else ``"distinct"``. Scores must be non-negative.
 
+    Args:
+        score: the per-token importance that replaces LaVIT's learned selector, ``"auto"`` (default), ``"cls_attn"``,
+            ``"distinct"`` or ``"norm"`` (see above).
+        threshold: a token is kept when its score is at least ``threshold`` times the sample's mean score (default
+            1.0, above-average tokens). Higher values keep fewer tokens; ``keep`` caps the count.
+
     Returns a :class:`Reduction` with per-sample counts (padded; ``mask``), ``assign [B, N]`` and ``sizes``;
     ``extras["scores"] [B, N]`` (float32) and ``extras["kept"] [B, N]`` bool.
     """

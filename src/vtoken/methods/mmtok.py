@@ -67,7 +67,10 @@ def mmtok(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, text: T
         text: ``[B, T, D]`` embeddings of the question (keyword) tokens, same width as ``tokens``.
         text_mask: optional ``[B, T]`` bool, True on real text tokens.
         vision_features: optional ``[B, N, C]`` CLIP features for the vision->vision term (default ``tokens``).
-        alpha: weight of the vision->vision block; tv_temp / vv_temp: softmax temperatures.
+        alpha: the weight of the vision->vision coverage block against the text->vision one (official default 0.5).
+        tv_temp: the softmax temperature of the text->vision cosine similarities (official selector default 0.02).
+            The official Qwen and InternVL setups use 0.01.
+        vv_temp: the softmax temperature of the vision->vision cosine similarities (official default 0.2).
         exclude: optional ``[B, N]`` bool, True on tokens that are never selected but still have to be covered
             (the official ``padding_patch_indices``: padded image regions). A sample keeps at most its number of
             selectable tokens.

@@ -47,7 +47,7 @@ def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_att
             boundary layer's own query/key projections of its input (heads averaged), as PyramidDrop ranks.
         layers: the stage boundaries (paper: 8, 16, 24 of LLaVA-1.5's 32 layers), given for ``ref_depth`` layers
             and scaled to the model's depth (``round(l * depth / ref_depth)``).
-        ref_depth: the depth ``layers`` are given for.
+        ref_depth: the depth ``layers`` are given for (default 32, LLaVA-1.5's decoder layers).
 
     Schedule: ``keep`` sets the first boundary's count ``c1`` (an int per image or a ratio of the visual tokens
     entering the language model, ``N``); its ratio ``lambda = c1 / N`` is applied again at every boundary, so boundary

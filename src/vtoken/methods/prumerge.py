@@ -123,6 +123,13 @@ def prumerge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_
        most key-similar other tokens (cosine; kept or not; raw attention weights, unnormalised).
     3. One summary token ``sum_j a_j x_j`` over every non-kept token is appended; it counts toward ``keep``.
 
+    Args:
+        adaptive: choose the kept count by the IQR outliers of the CLS attention, capped by ``keep`` (default True,
+            the paper's PruMerge). Without it exactly ``counts[b] - 1`` tokens are kept.
+        pooled_iqr: compute the IQR statistic over the whole batch, as the official code (default False: per
+            sample). Only used with ``adaptive``.
+        neighbors: how many most key-similar tokens each kept token absorbs (default 32, as the official code).
+
     Output counts are adaptive (``exact=False``): at most ``counts[b]``. Extras: ``order [B, K]`` output indices in
     the official emission order (kept by descending attention, then the summary token), ``ratio [B]`` float64 the
     IQR outlier fraction (``(counts - 1) / n`` without ``adaptive``).

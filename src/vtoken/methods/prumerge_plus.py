@@ -60,6 +60,15 @@ def prumerge_plus(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     ``neighbors`` key-nearest tokens and one summary token of all non-kept tokens is appended (see PruMerge). Output
     counts are adaptive (``exact=False``) unless ``adaptive=False``.
 
+    Args:
+        adaptive: choose the kept count by the IQR outliers of the CLS attention plus the spatial picks, capped by
+            ``keep`` (default True, the paper's PruMerge+). Without it exactly ``counts[b] - 1`` tokens are kept.
+        pooled_iqr: compute the IQR statistic over the whole batch, as the official code (default False: per
+            sample). Only used with ``adaptive``.
+        neighbors: how many most key-similar tokens each kept token absorbs (default 32, as the official code).
+        spatial_stride: the raster stride ``s`` of the spatial picks without ``adaptive`` (default None:
+            ``n // ((counts[b] - 1) // 2)``, about half the budget). Ignored with ``adaptive``.
+
     Extras: ``order [B, K]`` output indices in the official emission order, ``ratio [B]`` float64 (the IQR outlier
     fraction; ``(counts - 1) / n`` without ``adaptive``).
     """

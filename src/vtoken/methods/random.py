@@ -20,6 +20,10 @@ def random(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, seed: 
 
     Each sample draws its own scores from a generator seeded with ``seed`` (so a sample gives the same subset
     alone or in a batch). ``tokens [B, N, D]`` -> ``[B, K, D]``.
+
+    Args:
+        seed: the seed of the CPU ``torch.Generator`` that draws the scores (default 0). The same seed keeps the same
+            subset.
     """
     b, n = tokens.shape[:2]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -135,10 +135,11 @@ def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm
             raters are the instruction tokens with above-mean ``softmax(v t^T)`` relevance (Sec. 3.2). They are
             re-evaluated at each pruning over the visual tokens still present (the official evaluates them once, on
             all of them; identical at the first pruning).
-        ref_depth: the depth ``layers`` are given for (32, LLaVA-1.5's Vicuna); other depths scale them.
-        layers: the decoder layers whose attention ranks the tokens (official 2, 6, 15); the tokens are pruned after
-            each (before ``layer + 1``).
-        recycle: merge the deleted tokens back (v1.0's token recycling, Sec. 3.4).
+        ref_depth: the depth ``layers`` are given for (default 32, LLaVA-1.5's Vicuna). Other depths scale them.
+        layers: the decoder layers whose attention ranks the tokens, pruned after each (official 2, 6, 15). The
+            tokens leave before ``layer + 1``.
+        recycle: merge the most relevant deleted tokens back as a few clustered tokens (default True, v1.0's token
+            recycling of Sec 3.4).
 
     Each sample keeps its ``min(k, n - 1)`` most relevant tokens (relevance: attention from the raters,
     averaged); of the ``d`` deleted tokens the ``int(0.3 d) + 1`` most relevant are clustered by DPC-kNN into

@@ -34,7 +34,7 @@ def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_
         counts: ``[B]`` long, tokens kept per sample.
         mask: optional ``[B, N]`` bool, True on real tokens.
         vision_features: optional ``[B, N, C]`` features to measure diversity on (default: ``tokens``).
-        metric: ``"cosine"`` (``1 - cos``, default) or ``"euclidean"``.
+        metric: the distance of the k-center selection, ``"cosine"`` (``1 - cos``, default) or ``"euclidean"``.
 
     The first center is the token nearest to the mean of the sample's real tokens (their mean direction for the
     cosine metric, compared at 1e-5 so exact ties go to the lowest index); with no official code to follow, this
@@ -95,10 +95,12 @@ def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm
         llm_text_attn: ``[B, T, N]`` attention probabilities (heads averaged, softmax over the whole sequence) from
             the instruction tokens (rows marked by ``text_mask [B, T]``) to the visual tokens in decoder layer
             ``layer``.
-        layer: the decoder layer whose attention decides (paper: fractional depth 7L/8, i.e. 28 of 32), given for
-            ``ref_depth`` layers and scaled to the model (``round(layer * depth / ref_depth)``, at most
-            ``depth - 2``); the visual tokens are removed after it.
-        threshold: ``tau`` (paper 0.10).
+        layer: the decoder layer whose attention decides, after which the visual tokens are removed (default 28 of
+            ``ref_depth`` 32, the paper's fractional depth 7L/8). Given for ``ref_depth`` layers and scaled to the
+            model (``round(layer * depth / ref_depth)``, at most ``depth - 2``).
+        ref_depth: the depth ``layer`` is given for (default 32, the paper's 7L/8 of a 32-layer model).
+        threshold: ``tau``, the text-to-visual attention ratio below which every visual token is removed (paper
+            0.10).
 
     Per sample, the text-to-visual ratio ``alpha_t->v = sum_{i in T, j in V} A_ij / sum_{i in T, j} A_ij`` is the
     mean, over the instruction rows, of the attention mass on the visual tokens (each row sums to 1). Where it is

@@ -34,6 +34,10 @@ def token_shuffle(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     compression around the shuffle is not part of this training-free operator. ``indices`` = each window's top-left
     token, ``assign`` = each input's window, ``sizes = s^2``. Inverse: ``token_unshuffle`` (bit for bit) or
     :func:`vtoken.ops.grid.unshuffle`.
+
+    Args:
+        window: the side ``s`` of the ``s x s`` windows merged into one token (default None: derived from ``keep``).
+            A given window must match ``keep`` and divide both sides of the grid (``s > 1``).
     """
     _no_padding(mask, "token_shuffle")
     h, w = grid
@@ -75,6 +79,10 @@ def token_unshuffle(tokens: Tensor, counts: Tensor | None = None, *, mask: Tenso
     Sets its own count: call with ``keep=None`` and ``window=s``. ``indices`` are the restored raster positions
     ``0 .. M s^2 - 1`` (the index each token had before ``token_shuffle``); ``extras["source"] [M s^2]`` is the
     shuffled token each output came from (many outputs per input, so there is no ``assign``).
+
+    Args:
+        window: the side ``s`` of the ``s x s`` windows ``token_shuffle`` merged (required: the default None
+            raises). The channels must be divisible by ``s^2``.
     """
     _no_padding(mask, "token_unshuffle")
     if window is None:

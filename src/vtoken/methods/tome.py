@@ -73,6 +73,12 @@ def tome(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Te
         mask: ``[B, N]``; padding is never merged and the alternation runs over each sample's real tokens.
         keys: optional ``[B, N, d]`` matching metric.
         sizes: optional ``[B, N]`` tokens already represented by each token (ToMe's ``size``; ones when omitted).
+        class_token: treat token 0 as the CLS token, never merged and kept first (default False, as the official
+            ``class_token``).
+        distill_token: treat token 1 as DeiT's distillation token, never merged (default False, needs
+            ``class_token``).
+        r: the most tokens merged per round, an int for every round or a per-round list (default None, unlimited).
+            Rounds past the list are unlimited; ``keep`` sets the total.
 
     Returns a :class:`Reduction` with ``sizes [B, K]`` and ``assign [B, N]`` (source tracking: ``source_matrix``/
     ``unmerge`` in :mod:`vtoken.ops.merge`). ``extras``: per-round lists ``unm_idx``, ``src_idx``, ``dst_idx``

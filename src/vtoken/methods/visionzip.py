@@ -69,6 +69,10 @@ def visionzip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls
     tokens have no CLS, so official ``visionzip(D, M)`` corresponds to ``keep = D - 1 + M, contextual = M``.
     A contextual token's index is its target's.
 
+    Args:
+        contextual: contextual tokens merged from the rest, an int count or a float ratio of ``counts[b]`` (default
+            10/64, the paper's 10 for 64 kept). The other ``counts[b] - contextual`` are the dominant tokens.
+
     Extras: ``order [B, K]`` output indices in the official emission order (dominant ascending, then contextual
     targets), ``dominant [B, Kd]`` dominant indices by descending attention (``-1`` padded).
     """

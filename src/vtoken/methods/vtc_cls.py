@@ -31,6 +31,12 @@ def vtc_cls(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_a
     layers 12..22 of LLaVA-1.5's 24-layer CLIP ViT-L (the official code reads the start from the model config), and
     the second half of any other tower. Output tokens are in positional order.
 
+    Args:
+        start_layer: the first layer of ``cls_attn_layers`` whose CLS attention is summed (default None: ``L // 2``,
+            layer 12 of LLaVA-1.5's 24-layer CLIP). A Python slice start, so negative values count from the end.
+        end_layer: the slice end of the summed layers, exclusive (default -1: the last layer is excluded, as the
+            official code). ``None`` includes the last layer.
+
     Extras: ``order [B, K]`` kept indices in descending score order (``-1`` padded), ``scores [B, N]`` the summed
     attention.
     """
