@@ -1,4 +1,4 @@
-"""Property tests over every registered method (DESIGN.md invariants 3-5).
+"""Property tests over every registered method (docs/design.md invariants 3-5).
 
 Random shapes, dtypes and keep values: no crash on valid input; indices ascending, unique, in range; mask and
 padding consistent; output count equals the resolved keep (at most it for adaptive methods); keep >= N returns the

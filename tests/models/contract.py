@@ -1,4 +1,4 @@
-"""The adapter contract (DESIGN.md invariants 1-3, generation, the KV cache, attention kernels, errors) as checks that
+"""The adapter contract (design.md invariants 1-3, generation, the KV cache, attention kernels, errors) as checks that
 every family's tests run on its own tiny model, inputs and methods. Each ``check_*`` makes the assertions itself."""
 
 from __future__ import annotations

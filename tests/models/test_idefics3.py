@@ -1,4 +1,4 @@
-"""vtoken.apply on Idefics3 and SmolVLM: the adapter contract and DESIGN.md invariants 1-3 for every supported method,
+"""vtoken.apply on Idefics3 and SmolVLM: the adapter contract and design.md invariants 1-3 for every supported method,
 with a split image (tiles + global view) next to unsplit ones, padded pixels, structural prompt tokens always kept,
 the no-CLS rules (VisionZip's substitute, clear reasons for the other CLS methods)."""
 

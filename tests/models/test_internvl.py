@@ -1,4 +1,4 @@
-"""vtoken.apply on InternVL: the adapter contract and DESIGN.md invariants 1-3 for every supported method, with a
+"""vtoken.apply on InternVL: the adapter contract and docs/design.md invariants 1-3 for every supported method, with a
 multi-view (tiled) image next to single-view ones, the keep split over views and the pixel-shuffle signal rule."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vtoken.apply on LLaVA: the adapter contract and DESIGN.md invariants 1-3 for every supported method (the checks
+"""vtoken.apply on LLaVA: the adapter contract and docs/design.md invariants 1-3 for every supported method (the checks
 are in :mod:`tests.models.contract`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vtoken.apply on LLaVA-NeXT: the adapter contract and DESIGN.md invariants 1-3 for every supported method, on
+"""vtoken.apply on LLaVA-NeXT: the adapter contract and docs/design.md invariants 1-3 for every supported method, on
 images of different sizes (different crop grids, unpadding and token counts) in one batch, plus the per-view ``keep``
 split, the newline rule and the crop-aware methods (``hired``, ``globalcom2``)."""
 

@@ -1,4 +1,4 @@
-"""vtoken.apply on LLaVA-OneVision (images): the adapter contract and DESIGN.md invariants 1-3 for every supported
+"""vtoken.apply on LLaVA-OneVision (images): the adapter contract and docs/design.md invariants 1-3 for every supported
 method, plus the AnyRes-max layout (unpadding, bilinear downscaling, image_newline tokens) and the per-view keep
 split."""
 

@@ -1,4 +1,4 @@
-"""vtoken.apply on Qwen2-VL / Qwen2.5-VL: the adapter contract and DESIGN.md invariants 1-3 for every supported method,
+"""vtoken.apply on Qwen2-VL / Qwen2.5-VL: the adapter contract and design.md invariants 1-3 for every supported method,
 M-RoPE positions (prefill and decode), images of different sizes in one batch, and the attention signals."""
 
 from __future__ import annotations
