@@ -59,7 +59,7 @@ def split_keep(counts: Tensor, sizes: Tensor) -> Tensor:
                        "stop": ("sample", "batch")})
 def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, frame_ids: Tensor | None = None,
                segment_frames: int = 2, distance: str = "euclidean", norm_p: float = 2.0, threshold: float = 1e-5,
-               iter_limit: int = 100, center: str = "medoid", stop: str = "sample") -> Reduction:
+               iter_limit: int = 100, center: str = "medoid", stop: str = "sample", id_sort: bool = True) -> Reduction:
     """CenterCLIP (Zhao et al., SIGIR 2022): k-medoids token clustering per temporal segment; each cluster is
     represented by its medoid token.
 
@@ -71,11 +71,26 @@ def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, fr
     batched k-medoids problem (:func:`vtoken.ops.cluster.kmedoids`: KKZ initialisation, ``distance`` ``"euclidean"``
     (``norm_p``-norm) or ``"cosine"``, medoid shift ``< threshold`` or ``iter_limit`` iterations; ``stop="batch"``
     reproduces the official joint stopping rule over the batch, the default ``"sample"`` keeps samples independent).
+    ``id_sort`` (official default ``True``): every token joins its nearest final medoid, ties to the lowest medoid
+    index; ``False``: the clusters of the last iteration, formed before its medoid update (the official
+    ``id_sort=False`` labels; the same clusters once the medoids have converged, they differ when ``iter_limit``
+    stops the iterations first). Each medoid belongs to its own cluster either way.
+
+    Args:
+        segment_frames: frames per temporal segment, clustered on its own when ``frame_ids`` is given (paper 2).
+        distance: ``"euclidean"`` (the ``norm_p``-norm, official default) or ``"cosine"`` distance between tokens.
+        norm_p: the ``p`` of the euclidean distance (official default 2).
+        threshold: stop when every medoid moves less than this (official default 1e-5).
+        iter_limit: the most k-medoids iterations (official default 100; 0 keeps the KKZ initial medoids).
+        center: the token representing a cluster, ``"medoid"`` (paper) or ``"mean"`` (the cluster average).
+        stop: ``"sample"`` stops each sample on its own; ``"batch"`` reproduces the official joint stopping rule.
+        id_sort: re-assign every token to the sorted final medoids (official default True); False keeps the last
+            iteration's clusters.
 
     Output: medoid tokens (``center="mean"``: cluster means) sorted by medoid index, ``indices`` = medoids,
     ``assign`` = cluster of every input, ``sizes`` = cluster sizes; ``extras``: ``iterations [B]`` (the most any
-    segment ran) and ``slot_medoids [B, K]`` (medoids in KKZ slot order, segment by segment, ``-1`` padded).
-    ``tokens [B, N, D]`` -> ``[B, K, D]``.
+    segment ran) and ``slot_medoids [B, K]`` (medoids in KKZ slot order, segment by segment, ``-1`` padded: the
+    official ``medoids`` output of ``id_sort=False``). ``tokens [B, N, D]`` -> ``[B, K, D]``.
     """
     if center not in ("medoid", "mean"):
         raise ValueError(f"centerclip: center must be 'medoid' or 'mean', got {center!r}")
@@ -113,7 +128,7 @@ def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, fr
     xp, src = xp[:-1].reshape(b * s, length, d), src[:-1].reshape(b * s, length)
     live = (seg_keep.reshape(-1) > 0).nonzero().squeeze(1)  # non-empty segments only
     res = kmedoids(xp[live], seg_keep.reshape(-1)[live], valid=src[live] >= 0, metric=distance, p=norm_p,
-                   threshold=threshold, iter_limit=iter_limit, stop=stop)
+                   threshold=threshold, iter_limit=iter_limit, stop=stop, id_sort=id_sort)
 
     # back to samples: global slot = segment offset + local slot
     kmax = res.medoids.shape[1]
@@ -121,9 +136,14 @@ def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, fr
     ok = res.medoids >= 0
     sample_of = live // s
     g_slot = sample_of[:, None] * m + offset.reshape(-1)[live][:, None] + torch.arange(kmax, device=dev)
-    rep = torch.zeros(b * m, dtype=torch.long, device=dev)
-    rep[g_slot[ok]] = src[live].gather(1, res.medoids.clamp(min=0))[ok]
-    rep = rep.reshape(b, m)
+    live_src = src[live]
+
+    def to_samples(medoids: Tensor) -> Tensor:  # [problems, kmax] local medoids -> [B, m] source indices
+        out = torch.zeros(b * m, dtype=torch.long, device=dev)
+        out[g_slot[ok]] = live_src.gather(1, medoids.clamp(min=0))[ok]
+        return out.reshape(b, m)
+
+    rep, slot_rep = to_samples(res.medoids), to_samples(res.slots)
     slot_valid = torch.arange(m, device=dev)[None, :] < counts[:, None]
     local_assign = torch.full((b * s, length), -1, dtype=torch.long, device=dev)
     local_assign[live] = res.assign
@@ -139,4 +159,4 @@ def centerclip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, fr
         out = (sums[:, :m] / sizes.clamp(min=1)[..., None]).to(tokens.dtype)
     iters = torch.zeros(b, dtype=torch.long, device=dev).scatter_reduce(0, sample_of, res.iterations, "amax")
     return reduction_from_merge(out, rep, assign=assign, sizes=sizes, valid=slot_valid,
-                                extras={"iterations": iters, "slot_medoids": torch.where(slot_valid, rep, -1)})
+                                extras={"iterations": iters, "slot_medoids": torch.where(slot_valid, slot_rep, -1)})

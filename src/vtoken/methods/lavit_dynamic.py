@@ -58,7 +58,7 @@ def lavit_dynamic(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
 
     Args:
         score: the per-token importance that replaces LaVIT's learned selector, ``"auto"`` (default), ``"cls_attn"``,
-            ``"distinct"`` or ``"norm"`` (see above).
+            ``"distinct"`` or ``"norm"``. ``"auto"`` is ``cls_attn`` when that signal is given, else ``"distinct"``.
         threshold: a token is kept when its score is at least ``threshold`` times the sample's mean score (default
             1.0, above-average tokens). Higher values keep fewer tokens; ``keep`` caps the count.
 

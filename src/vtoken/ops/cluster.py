@@ -66,13 +66,15 @@ def kkz_init(x: Tensor, dist: Tensor, k: int, valid: Tensor | None = None) -> Te
 
 @dataclass
 class KMedoids:
-    """Result of :func:`kmedoids`: ``assign [B, N]`` cluster slot of each point (``-1`` for invalid points),
-    ``medoids [B, K]`` point index of each slot's medoid (``-1`` beyond ``counts[b]``), ``iterations [B]`` iterations
-    run per sample."""
+    """Result of :func:`kmedoids`: ``assign [B, N]`` cluster of each point (the position of its medoid in
+    ``medoids``; ``-1`` for invalid points), ``medoids [B, K]`` point index of each cluster's medoid (ascending with
+    ``id_sort``, else in KKZ slot order; ``-1`` beyond ``counts[b]``), ``slots [B, K]`` the medoids in KKZ slot order
+    and ``iterations [B]`` iterations run per sample."""
 
     assign: Tensor
     medoids: Tensor
     iterations: Tensor
+    slots: Tensor
 
 
 def _assign(dist: Tensor, medoids: Tensor, slot_ok: Tensor, valid: Tensor | None) -> Tensor:
@@ -84,7 +86,7 @@ def _assign(dist: Tensor, medoids: Tensor, slot_ok: Tensor, valid: Tensor | None
 
 
 def kmedoids(x: Tensor, counts: Tensor, *, valid: Tensor | None = None, metric: str = "euclidean", p: float = 2.0,
-             threshold: float = 1e-5, iter_limit: int = 100, stop: str = "sample") -> KMedoids:
+             threshold: float = 1e-5, iter_limit: int = 100, stop: str = "sample", id_sort: bool = True) -> KMedoids:
     """Batched k-medoids (alternating assignment / medoid update) with KKZ initialisation.
 
     Args:
@@ -98,9 +100,13 @@ def kmedoids(x: Tensor, counts: Tensor, *, valid: Tensor | None = None, metric: 
             or once the shift is ``< threshold``.
         stop: ``"sample"`` (each sample stops on its own shift, so a batch equals each sample alone) or ``"batch"``
             (every sample stops together once the batch mean of the shifts is ``< threshold``).
+        id_sort: sort each sample's medoids ascending at the end and assign every point to its nearest medoid in that
+            order (ties: lowest medoid index), as CenterCLIP's ``id_sort=True``. ``False`` keeps the KKZ slot order and
+            the assignment of the last iteration, made against the medoids before their last update (the official
+            ``id_sort=False`` output; it is the nearest-medoid assignment once the medoids have converged, and the
+            nearest KKZ medoid when ``iter_limit`` is 0). Either way every medoid is a member of its own cluster.
 
-    The final ``assign`` is recomputed against the final medoids. Memory ``O(B N^2 + B N K)``; each iteration is one
-    ``[B, N, N] @ [B, N, K]`` product.
+    Memory ``O(B N^2 + B N K)``; each iteration is one ``[B, N, N] @ [B, N, K]`` product.
     """
     if stop not in ("sample", "batch"):
         raise ValueError(f"stop must be 'sample' or 'batch', got {stop!r}")
@@ -114,8 +120,10 @@ def kmedoids(x: Tensor, counts: Tensor, *, valid: Tensor | None = None, metric: 
     active = torch.ones(b, dtype=torch.bool, device=x.device)
     iterations = torch.zeros(b, dtype=torch.long, device=x.device)
     slots = torch.arange(k, device=x.device)
+    last_assign = None
     for _ in range(int(iter_limit)):
         assign = _assign(dist, medoids, slot_ok, valid)
+        last_assign = assign if last_assign is None else torch.where(active[:, None], assign, last_assign)
         member = assign[..., None] == slots  # [B, N, K]
         cost = dist @ member.to(dist.dtype)  # cost[b, i, c] = sum_j dist[b, i, j] [j in c]
         cost = cost.masked_fill(~member, float("inf"))
@@ -131,4 +139,10 @@ def kmedoids(x: Tensor, counts: Tensor, *, valid: Tensor | None = None, metric: 
             active = active & (shift >= threshold)
             if not bool(active.any()):
                 break
-    return KMedoids(_assign(dist, medoids, slot_ok, valid), medoids, iterations)
+    if not id_sort:
+        assign = _assign(dist, medoids, slot_ok, valid) if last_assign is None else last_assign
+        return KMedoids(assign, medoids, iterations, medoids)
+    big = torch.iinfo(torch.long).max
+    ordered = torch.sort(torch.where(slot_ok, medoids, big), dim=1).values  # the counts[b] medoids first
+    ordered = torch.where(slot_ok, ordered, -1)
+    return KMedoids(_assign(dist, ordered, slot_ok, valid), ordered, iterations, medoids)
