@@ -17,14 +17,16 @@ def methods() -> list[MethodInfo]:
     return all_methods()
 
 
-def run_method(info: MethodInfo, tokens: Tensor, counts: Tensor | None, *, mask: Tensor | None = None,
-               signals: dict[str, Any] | None = None, knobs: dict[str, Any] | None = None) -> Reduction:
-    """Run ``info``'s method on per-sample output ``counts [B]`` (``None`` for a method that sets its own count),
-    after every check: the tokens, the mask, each argument is one of the method's signals or knobs, knob types,
-    ranges and rules, required signals present, every signal's full shape. Counts are clipped to each sample's valid
-    tokens (at least 1); where every sample keeps all of them the result is the identity.
+def run_method(info: MethodInfo, tokens: Tensor, counts: Tensor | None = None, *, keep: Any = None,
+               mask: Tensor | None = None, signals: dict[str, Any] | None = None,
+               knobs: dict[str, Any] | None = None) -> Reduction:
+    """Run ``info``'s method after every check: the tokens, the mask, each argument is one of the method's signals
+    or knobs, knob types, ranges and rules, required signals present, every signal's full shape.
 
-    :func:`reduce`, the model adapters' per-view and per-layer calls all run methods through this one function."""
+    The budget is either ``keep`` (resolved per sample, see :func:`vtoken.core.resolve_keep`) or per-sample
+    ``counts [B]``, clipped to each sample's valid tokens (at least 1); neither for a method that sets its own count.
+    Where every sample keeps all its valid tokens the result is the identity. :func:`reduce`, the model adapters'
+    per-view and per-layer calls all run methods through this one function."""
     signals, knobs = dict(signals or {}), dict(knobs or {})
     tokens = check_tokens(tokens)
     mask = check_mask(mask, tokens)
@@ -33,15 +35,20 @@ def run_method(info: MethodInfo, tokens: Tensor, counts: Tensor | None, *, mask:
     for name in info.signals:
         if signals.get(name) is None:
             raise ValueError(f"method {info.name!r} needs the signal {name!r}: {SIGNALS[name]}")
-    signals = check_signals({k: v for k, v in signals.items() if v is not None}, tokens, info.name)
+    signals = check_signals({k: v for k, v in signals.items() if v is not None}, tokens, info.name,
+                            shapes=info.signal_shapes)
+    if counts is not None and keep is not None:
+        raise ValueError("give the budget once: keep or per-sample counts")
+    n_valid = mask.sum(-1) if mask is not None else torch.full((tokens.shape[0],), tokens.shape[1],
+                                                               device=tokens.device)
+    if keep is not None:
+        counts = resolve_keep(keep, n_valid) if info.needs_keep else keep
     if not info.needs_keep:
         if counts is not None:
             raise ValueError(f"method {info.name!r} sets its own output count; pass keep=None")
         return info.fn(tokens, None, mask=mask, **signals, **knobs)
     if counts is None:
         raise ValueError(f"keep is required for method {info.name!r}: an int >= 1 or a float in (0, 1]")
-    n_valid = mask.sum(-1) if mask is not None else torch.full((tokens.shape[0],), tokens.shape[1],
-                                                               device=tokens.device)
     counts = torch.as_tensor(counts, device=tokens.device).long().expand(tokens.shape[0])
     counts = counts.minimum(n_valid).clamp(min=1).contiguous()
     if bool((counts >= n_valid).all()):
@@ -87,14 +94,6 @@ def reduce(tokens: Tensor, keep: int | float | MethodSpec | None = None, method:
                 if isinstance(method, (tuple, list)) else "")
         raise TypeError(f"method must be a registered method name (a str such as 'divprune'; see vtoken.methods()) "
                         f"or a vtoken.method(...) spec, got {method!r}{hint}")
-    info = get_method(method)
-    tokens = check_tokens(tokens)
-    mask = check_mask(mask, tokens)
-    signals = {k: v for k, v in kwargs.items() if k in SIGNALS}
-    knobs = {k: v for k, v in kwargs.items() if k not in SIGNALS}
-    counts = None
-    if info.needs_keep and keep is not None:
-        counts = resolve_keep(keep, mask.sum(-1) if mask is not None else tokens.shape[1]).to(tokens.device)
-    elif not info.needs_keep and keep is not None:
-        raise ValueError(f"method {info.name!r} sets its own output count; pass keep=None")
-    return run_method(info, tokens, counts, mask=mask, signals=signals, knobs=knobs)
+    return run_method(get_method(method), tokens, keep=keep, mask=mask,
+                      signals={k: v for k, v in kwargs.items() if k in SIGNALS},
+                      knobs={k: v for k, v in kwargs.items() if k not in SIGNALS})

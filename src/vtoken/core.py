@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "METHOD_SIGNAL_SHAPES",
     "SIGNALS",
     "SIGNAL_SHAPES",
     "Reduction",
@@ -115,9 +114,6 @@ SIGNAL_SHAPES: dict[str, SignalShape] = {
     "sizes": SignalShape("B N", "float"),
 }
 assert set(SIGNAL_SHAPES) | {"grid"} == set(SIGNALS), "every tensor signal declares its shape"
-
-#: ``{method: {signal: dims}}``: per-method exceptions to :data:`SIGNAL_SHAPES` (filled by ``register``).
-METHOD_SIGNAL_SHAPES: dict[str, dict[str, str]] = {}
 
 
 @dataclass
@@ -293,9 +289,9 @@ def _dims(symbols: tuple[str, ...], bound: dict[str, tuple[int, str]], name: str
 
 
 def check_signal(name: str, value: Any, tokens: Tensor, method: str, *,
-                 bound: dict[str, tuple[int, str]] | None = None) -> Any:
-    """Check one signal against its full shape and dtype class (:data:`SIGNAL_SHAPES`, with the method's
-    exceptions in :data:`METHOD_SIGNAL_SHAPES`); returns it on the tokens' device, floating signals cast to
+                 bound: dict[str, tuple[int, str]] | None = None, shapes: dict[str, str] | None = None) -> Any:
+    """Check one signal against its full shape and dtype class (:data:`SIGNAL_SHAPES`, or the method's own axes in
+    ``shapes``, its ``MethodInfo.signal_shapes``); returns it on the tokens' device, floating signals cast to
     :func:`compute_dtype`, bool signals as bool.
 
     ``B``, ``N`` and ``D`` must equal the tokens' axes; the other symbols are bound in ``bound`` (``{symbol: (size,
@@ -315,7 +311,7 @@ def check_signal(name: str, value: Any, tokens: Tensor, method: str, *,
         if value.dim() == 0 or value.shape[0] != b:
             raise ValueError(f"{where} must have batch size {b} first, got {tuple(value.shape)}")
         return value.to(tokens.device)
-    dims = METHOD_SIGNAL_SHAPES.get(method, {}).get(name, spec.dims)
+    dims = (shapes or {}).get(name, spec.dims)
     shared = {"B": (b, "tokens"), "N": (n, "tokens"), "D": (d, "tokens"), **(bound if bound is not None else {})}
     options = [tuple(alt.split()) for alt in dims.split("|")]
     symbols = next((o for o in options if len(o) == value.dim()), None)
@@ -349,13 +345,14 @@ def check_signal(name: str, value: Any, tokens: Tensor, method: str, *,
     return value
 
 
-def check_signals(signals: dict[str, Any], tokens: Tensor, method: str) -> dict[str, Any]:
+def check_signals(signals: dict[str, Any], tokens: Tensor, method: str,
+                  shapes: dict[str, str] | None = None) -> dict[str, Any]:
     """:func:`check_signal` for every signal of one call (``None`` values skipped), with the symbols other than
     ``B``, ``N``, ``D`` shared: ``text_mask`` must have the ``T`` of ``text``, ``llm_text_attn`` that of
     ``text_mask``, ... Signals are checked in :data:`SIGNALS` order, so a mismatch names the later signal."""
     order = {k: i for i, k in enumerate(SIGNALS)}
     bound: dict[str, tuple[int, str]] = {}
-    return {k: check_signal(k, signals[k], tokens, method, bound=bound)
+    return {k: check_signal(k, signals[k], tokens, method, bound=bound, shapes=shapes)
             for k in sorted(signals, key=lambda k: order.get(k, len(order))) if signals[k] is not None}
 
 

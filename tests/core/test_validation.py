@@ -15,7 +15,7 @@ import torch
 
 import vtoken
 from vtoken.bench.synthetic import make_signals
-from vtoken.core import METHOD_SIGNAL_SHAPES, SIGNAL_SHAPES, SIGNALS, resolve_keep
+from vtoken.core import SIGNAL_SHAPES, SIGNALS, resolve_keep
 from vtoken.methods.registry import MethodInfo, Range
 from vtoken.models.pipeline import build_steps
 
@@ -68,7 +68,7 @@ def _signals(info: MethodInfo) -> list[str]:
 
 def _dims(info: MethodInfo, name: str) -> list[str]:
     """The axes of signal ``name`` for ``info`` (the method's exception, or its first alternative)."""
-    dims = METHOD_SIGNAL_SHAPES.get(info.name, {}).get(name, SIGNAL_SHAPES[name].dims)
+    dims = info.signal_shapes.get(name, SIGNAL_SHAPES[name].dims)
     return dims.split("|")[0].split()
 
 

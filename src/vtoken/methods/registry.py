@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..core import METHOD_SIGNAL_SHAPES, SIGNAL_SHAPES, SIGNALS
+from ..core import SIGNAL_SHAPES, SIGNALS
 
 STAGES = ("encoder", "pre_llm", "llm", "video")
 KINDS = ("prune", "merge", "cluster", "pool", "layout")
@@ -222,8 +222,6 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             signal_shapes=dict(signal_shapes or {}), knob_docs=_arg_docs(doc, defaults),
             main_knobs=tuple(main_knobs), params=frozenset(k for k in params if k not in ("tokens", "counts")),
         )
-        if signal_shapes:
-            METHOD_SIGNAL_SHAPES[name] = dict(signal_shapes)
         return fn
 
     return deco

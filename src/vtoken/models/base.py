@@ -386,7 +386,7 @@ class Adapter:
         attention_mask = kw.get("attention_mask")
         positions = self.positions(kw, input_ids)
         comp = compact(keep, attention_mask)
-        caller = kw
+        alone = self.alone_positions(kw, attention_mask, positions, comp) if self.llm is not None else None
         removed = bool((comp.removed > 0).any())
         kw = {k: v for k, v in kw.items() if k not in (self.image_key(), "input_ids", "image_sizes")}
         kw["inputs_embeds"] = comp.take(embeds)
@@ -411,7 +411,7 @@ class Adapter:
             visual = self.image_token_mask(input_ids) & keep
             visual = visual.gather(1, g.clamp(min=0)) & (g >= 0)
             self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]),
-                         self.alone_positions(caller, attention_mask, positions, comp))
+                         alone)
         last = positions if pos_dim == 1 else positions.amax(0)
         self._next_position = last.amax(1) + 1
         return kw

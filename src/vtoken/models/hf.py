@@ -9,6 +9,10 @@ compatibility table); when a release renames something, this is the file to chan
 * :func:`cached_length` and :func:`key_width` read a cache through ``get_seq_length(layer)`` and, for layers that
   pre-allocate their key buffers (``StaticCache``), ``layers[i].max_cache_len``.
 * The attention implementation is ``config._attn_implementation``: :func:`attention_implementation`.
+* ``generate`` may hand ``forward`` 4-D masks it built for a static cache (:func:`padding_mask` reads them back);
+  masks are bool or additive (:func:`allows`).
+* The decoder's ``rotary_emb`` module (:func:`rotary`); per-axis M-RoPE tables of older releases such as 5.16
+  (:func:`flat_rotary`).
 """
 
 from __future__ import annotations
@@ -71,9 +75,13 @@ def padding_mask(mask: Any, length: int) -> Any:
     if mask.dim() != 4 or mask.shape[-1] < length:
         raise ValueError(f"attention_mask: vtoken takes a [B, L] padding mask or a model-built [B, 1, q, keys] mask, "
                          f"got shape {tuple(mask.shape)} for {length} columns")
-    row = mask[:, 0, -1, :length]
-    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return allowed.long()
+    return allows(mask[:, 0, -1, :length]).long()
+
+
+def allows(mask: Tensor) -> Tensor:
+    """Where an attention mask lets a query see a key: a bool mask as is, an additive one where it is not (about) the
+    dtype's lowest value."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def rotary(lm: nn.Module, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor] | None:

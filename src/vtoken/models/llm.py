@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..api import run_method
 from ..core import Reduction, gather_rows
 from ..ops.attention import attention_pagerank
-from .hf import attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
+from .hf import allows, attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
 from .sequence import compact
 
@@ -174,9 +174,7 @@ def allowed_of(like: Any, b: int, q: int, start: int, count: int) -> Tensor | No
     additive, ``[B or 1, heads or 1, q, >= start + count]``) allows; ``None`` when ``like`` is no such tensor."""
     if not isinstance(like, Tensor) or like.dim() != 4 or like.shape[-2] != q or like.shape[-1] < start + count:
         return None
-    cols = like[:, :1, :, start:start + count]
-    ok = cols if cols.dtype == torch.bool else cols > torch.finfo(cols.dtype).min / 2
-    return ok.expand(b, 1, q, count)
+    return allows(like[:, :1, :, start:start + count]).expand(b, 1, q, count)
 
 
 def pad_columns(allowed: Tensor, width: int) -> Tensor:
