@@ -31,7 +31,8 @@ def run_method(info: MethodInfo, tokens: Tensor, counts: Tensor | None = None, *
     tokens = check_tokens(tokens)
     mask = check_mask(mask, tokens)
     info.check_arguments([*signals, *knobs])
-    knobs = info.check_knobs(knobs)
+    knobs = info.check_knobs(knobs)  # a bad value is reported as such, schedule knobs included
+    info.check_one_step(knobs)
     for name in info.signals:
         if signals.get(name) is None:
             raise ValueError(f"method {info.name!r} needs the signal {name!r}: {SIGNALS[name]}")

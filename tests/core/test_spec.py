@@ -102,3 +102,37 @@ def test_a_new_method_needs_no_model_code():
     with vtoken.apply(model, "norm", keep=8) as handle:
         logits(model, inputs)
         assert handle.last.mask.sum(1).tolist() == [8, 8]
+
+
+def test_llm_schedule_knobs_are_declared_once_and_refused_by_reduce():
+    """A schedule knob lives in its LLMSchedule only: the registry reads it from there, apply places it, and reduce
+    (one step on given tokens) refuses it instead of ignoring it."""
+    import inspect
+
+    from vtoken.methods.registry import LLMSchedule, register
+    from vtoken.models.pipeline import build_steps
+
+    for m in vtoken.methods():
+        if m.schedule is not None:
+            step = set(inspect.signature(m.fn).parameters)
+            assert not step & m.schedule_knobs, f"{m.name}: {sorted(step & m.schedule_knobs)} declared twice"
+            assert m.schedule_knobs <= set(m.defaults) and m.schedule_knobs <= set(m.knob_docs)
+    x, attn = torch.randn(1, 10, 4), torch.rand(1, 10)
+    with pytest.raises(TypeError, match=r"'layer' is a schedule knob of the llm-stage method 'fastv'.*vtoken.apply"):
+        vtoken.reduce(x, 4, "fastv", llm_attn=attn, layer=9)
+    with pytest.raises(TypeError, match=r"schedule knob"):
+        vtoken.reduce(x, vtoken.method("pdrop", keep=4, layers=(4, 8)), llm_attn=attn)
+    assert build_steps("fastv", 4, {"layer": 9})[0].kwargs == {"layer": 9}
+    assert vtoken.get_method("fastv").knob_types["layer"] is int
+
+    def layers(depth: int, layer: int = 1) -> list[int]:
+        return [layer]
+
+    def counts(n, keep, images):
+        return [n]
+
+    with pytest.raises(ValueError, match=r"\['layer'\] are declared by its schedule and again by the step"):
+        @register("twice_declared", paper="-", venue="-", repo=None, stage="llm", kind="prune",
+                  schedule=LLMSchedule(layers, counts))
+        def twice(tokens, counts, *, mask=None, layer: int = 1):
+            return None

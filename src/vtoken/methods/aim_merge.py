@@ -16,7 +16,7 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.matching import repeated_bipartite_merge
 from ..ops.merge import MergeState
-from ._schedule import linear_counts, resolve_llm_keep, scale_layer
+from ._schedule import at_depth, linear_counts, resolve_llm_keep, scale_layer
 from .registry import LLMSchedule, register
 from .tome import finish, per_round_caps
 
@@ -56,7 +56,7 @@ def _bounds(depth: int, start: int, end: int, ref_depth: int) -> tuple[int, int]
     lo = scale_layer("start", start, depth, ref_depth, "aim", lo=0, hi=depth - 2)
     if isinstance(end, bool) or not isinstance(end, int):
         raise TypeError(f"aim: end must be an int decoder layer index, got {end!r}")
-    hi = round(end * depth / ref_depth) if ref_depth != depth else end
+    hi = at_depth(end, depth, ref_depth, "aim")
     if hi <= lo:
         raise ValueError(f"aim: end={end} gives layer {hi} at depth {depth}, not after start (layer {lo}); the "
                          "schedule needs start < end")
@@ -68,8 +68,8 @@ def _aim_layers(depth: int, start: int = 14, end: int = 22, ref_depth: int = 28)
     return list(range(lo + 1, min(hi, depth - 1) + 1))
 
 
-def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, start: int = 14, end: int = 22,
-                ref_depth: int = 28) -> list[Tensor]:
+def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, *, start: int, end: int,
+                ref_depth: int) -> list[Tensor]:
     lo, hi = _bounds(depth, start, end, ref_depth)
     floor = resolve_llm_keep(keep, n, images)
     return linear_counts(n, lo, hi, _aim_layers(depth, start, end, ref_depth), floor)
@@ -80,8 +80,8 @@ def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, start:
           signals=("llm_attn_rank",), signal_spec={"llm_attn_rank": {"temperature": 0.1, "iters": 5}},
           schedule=LLMSchedule(_aim_layers, _aim_counts),
           knob_ranges={"ref_depth": ">= 1"})
-def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn_rank: Tensor | None = None,
-        start: int = 14, end: int = 22, ref_depth: int = 28) -> Reduction:
+def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
+        llm_attn_rank: Tensor | None = None) -> Reduction:
     """One step of AIM's progressive in-LLM pruning: keep the ``counts[b]`` visual tokens of highest multimodal
     importance.
 

@@ -12,29 +12,21 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_indices
 from ..ops.duplication import pivot_dissimilar_select
 from ._dart_ops import PIVOT_ORDERS, dart_pivots, order_pivots
-from ._schedule import check_layer, resolve_llm_keep
-from .registry import LLMSchedule, register
-
-
-def _layers(depth: int, layer: int = 2) -> list[int]:
-    return [check_layer("layer", layer, depth, "dart")]
-
-
-def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
-    return [resolve_llm_keep(keep, n, images)]
+from ._schedule import one_layer
+from .registry import register
 
 
 @register("dart", paper="Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More",
           venue="arXiv 2025", repo="https://github.com/ZichenWen1/DART", stage="llm", kind="prune",
           signals=("llm_hidden", "llm_keys", "llm_text_hidden", "llm_text_keys", "text_mask"),
           optional_signals=("positions",), parity=True, fixture="dart", exact=False,
-          schedule=LLMSchedule(_layers, _counts),
+          schedule=one_layer("dart", default=2),
           knob_ranges={"pivot_image_token": ">= 0", "pivot_text_token": ">= 0", "pivot_order": PIVOT_ORDERS},
           knob_rules=[("pivot_image_token + pivot_text_token must be >= 1",
                        lambda pivot_image_token, pivot_text_token: pivot_image_token + pivot_text_token >= 1)])
 def dart(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_hidden: Tensor | None = None,
          llm_keys: Tensor | None = None, llm_text_hidden: Tensor | None = None, llm_text_keys: Tensor | None = None,
-         text_mask: Tensor | None = None, positions: Tensor | None = None, layer: int = 2, pivot_image_token: int = 4,
+         text_mask: Tensor | None = None, positions: Tensor | None = None, pivot_image_token: int = 4,
          pivot_text_token: int = 4, pivot_order: str = "official") -> Reduction:
     """DART's retained visual tokens at decoder layer ``layer`` (``get_retained_image_token``), per sample.
 
@@ -50,7 +42,7 @@ def dart(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_hidd
         positions: optional ``[B, N]`` sequence index of each visual token (the instruction tokens follow the last
             one); only the ``"official"`` pivot order reads it. Default ``0 .. N - 1``.
         layer: ``K``, the first decoder layer that sees only the kept tokens (paper default 2). Layers ``< K`` see
-            every token.
+            every token (a schedule knob: ``vtoken.apply`` places the step).
         pivot_image_token, pivot_text_token: pivot tokens taken among the visual / the instruction tokens by largest
             key L1 norm (``Pi``, ``Pt``, official LLaVA setting 4 + 4). Text pivots only pick, they are not kept.
         pivot_order: the order in which the pivots take their picks, ``"official"``, ``"topk"`` or ``"position"``

@@ -9,23 +9,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core import Reduction, reduction_from_indices, topk_indices
-from ._schedule import check_layer, resolve_llm_keep
-from .registry import LLMSchedule, register
-
-
-def _layers(depth: int, layer: int = 2) -> list[int]:
-    return [check_layer("layer", layer, depth, "fastv")]
-
-
-def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
-    return [resolve_llm_keep(keep, n, images)]
+from ._schedule import one_layer
+from .registry import register
 
 
 @register("fastv", paper="An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large "
           "Vision-Language Models", venue="ECCV 2024", repo="https://github.com/pkunlp-icler/FastV", stage="llm",
-          kind="prune", signals=("llm_attn",), schedule=LLMSchedule(_layers, _counts))
-def fastv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None,
-          layer: int = 2) -> Reduction:
+          kind="prune", signals=("llm_attn",), schedule=one_layer("fastv", default=2))
+def fastv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None) -> Reduction:
     """Keep the ``counts[b]`` visual tokens with the largest attention from the last prompt token (FastV).
 
     Args:
@@ -35,7 +26,8 @@ def fastv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_att
         llm_attn: ``[B, N]`` the last token's attention probabilities to each visual token in layer ``layer - 1``
             (averaged over heads, softmax over the whole sequence), as FastV reads the previous layer's attention map.
         layer: ``K``, the first decoder layer that sees only the kept tokens (paper default 2). Layers ``< K`` keep
-            every token. Used by the schedule; ``keep`` is the paper's ``1 - R`` (``keep=0.5`` is its R = 50%).
+            every token (a schedule knob: ``vtoken.apply`` places the step); ``keep`` is the paper's ``1 - R``
+            (``keep=0.5`` is its R = 50%).
 
     Ties break by lowest index. Returns ``[B, K, D]`` in source order.
     """

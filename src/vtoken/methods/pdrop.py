@@ -20,7 +20,7 @@ def _layers(depth: int, layers: Sequence[int] = (8, 16, 24), ref_depth: int = 32
     return scale_layers("layers", layers, depth, ref_depth, "pdrop")
 
 
-def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int] = (8, 16, 24)) -> list[Tensor]:
+def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int]) -> list[Tensor]:
     first = resolve_llm_keep(keep, n, images)
     ratio = first.double() / n.clamp(min=1).double()  # lambda, per sample
     out = []
@@ -35,8 +35,7 @@ def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int] 
           signals=("llm_attn",), signal_spec={"llm_attn": {"layer": "current"}},
           schedule=LLMSchedule(_layers, _counts),
           knob_ranges={"ref_depth": ">= 1"})
-def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None,
-          layers: Sequence[int] = (8, 16, 24), ref_depth: int = 32) -> Reduction:
+def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None) -> Reduction:
     """One PyramidDrop stage boundary: keep the ``counts[b]`` visual tokens the last instruction token attends to most.
 
     Args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -23,20 +24,64 @@ _REGISTRY: dict[str, MethodInfo] = {}
 Fn = Callable[..., Any]
 
 
+_SCHEDULE_ARGS = {"layers": ("depth",), "counts": ("n", "keep", "images", "depth")}
+
+
 @dataclass(frozen=True)
 class LLMSchedule:
     """Where and how much an ``llm``-stage method prunes inside a language model of ``depth`` decoder layers.
 
-    ``layers(depth, **knobs) -> list[int]``: the decoder layers BEFORE which the method runs (ascending, each in
+    ``layers(depth, *, <knobs>) -> list[int]``: the decoder layers BEFORE which the method runs (ascending, each in
     ``[1, depth)``; its signals come from the layer before); a bad knob is a ``ValueError`` naming it.
-    ``counts(n, keep, images, **knobs) -> list[Tensor]``: per layer, ``[B]`` long visual tokens kept per sample, from
-    ``n [B]`` visual tokens entering the language model, ``images [B]`` images per sample and ``keep`` (see
-    :func:`vtoken.models.llm.resolve_llm_keep`). Both receive the step's knobs they name in their signature; ``counts``
-    may also name ``depth`` (the decoder layers) to rebuild layer-dependent counts.
+    ``counts(n, keep, images[, depth], *, <knobs>) -> list[Tensor]``: per layer, ``[B]`` long visual tokens kept per
+    sample, from ``n [B]`` visual tokens entering the language model, ``images [B]`` images per sample and ``keep``
+    (see :func:`vtoken.methods._schedule.resolve_llm_keep`).
+
+    The schedule knobs (where the method prunes: ``layer``, ``layers``, ``ref_depth``, ...) are declared ONCE, as
+    keyword parameters with defaults and annotations of ``layers``; ``counts`` may name any of them (or of the step's
+    knobs) without a default. The step function does not declare them: they say where inside the language model a
+    step runs, which ``vtoken.reduce`` (one step on given tokens) has no use for. Parameters are read once, here.
     """
 
     layers: Callable[..., list[int]]
     counts: Callable[..., list[Any]]
+    #: the schedule knobs' defaults (from ``layers``' signature) and the keywords each function takes
+    knobs: dict[str, Any] = field(init=False)
+    layer_params: frozenset[str] = field(init=False)
+    count_params: frozenset[str] = field(init=False)
+    count_depth: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = {}
+        for role, fn in (("layers", self.layers), ("counts", self.counts)):
+            sig = inspect.signature(fn).parameters
+            fixed = [k for k in sig if k in _SCHEDULE_ARGS[role]]
+            extra = [k for k, p in sig.items() if k not in _SCHEDULE_ARGS[role]]
+            if role == "counts" and any(sig[k].default is not inspect.Parameter.empty for k in extra):
+                raise TypeError(f"LLMSchedule.counts ({fn.__name__}) names knobs without defaults: they are declared "
+                                "once, in layers")
+            params[role] = (fixed, extra)
+        sig = inspect.signature(self.layers).parameters
+        knobs = {k: sig[k].default for k in params["layers"][1]}
+        if any(v is inspect.Parameter.empty for v in knobs.values()):
+            raise TypeError(f"LLMSchedule.layers ({self.layers.__name__}): every knob needs a default")
+        object.__setattr__(self, "knobs", knobs)
+        object.__setattr__(self, "layer_params", frozenset(params["layers"][1]))
+        object.__setattr__(self, "count_params", frozenset(params["counts"][1]))
+        object.__setattr__(self, "count_depth", "depth" in params["counts"][0])
+        # counts called on its own (tests, notebooks) takes the schedule's defaults for the knobs it names
+        fill = {k: knobs[k] for k in params["counts"][1] if k in knobs}
+        if fill:
+            object.__setattr__(self, "counts", functools.partial(self.counts, **fill))
+
+    def plan_layers(self, depth: int, knobs: dict[str, Any]) -> list[int]:
+        """The layers for ``depth`` decoder layers with ``knobs`` (a method's knobs, given or default)."""
+        return self.layers(depth, **{k: knobs[k] for k in self.layer_params})
+
+    def plan_counts(self, n: Any, keep: Any, images: Any, depth: int, knobs: dict[str, Any]) -> list[Any]:
+        """The per-layer counts (see the class docstring) with ``knobs``."""
+        extra = {"depth": depth} if self.count_depth else {}
+        return self.counts(n, keep, images, **extra, **{k: knobs[k] for k in self.count_params})
 
 
 @dataclass(frozen=True)
@@ -131,9 +176,30 @@ class MethodInfo:
         """Required then optional signals."""
         return (*self.signals, *self.optional_signals)
 
+    @property
+    def schedule_knobs(self) -> frozenset[str]:
+        """The knobs of an ``llm``-stage method's :class:`LLMSchedule` (where it prunes); not the step's."""
+        return self.schedule.layer_params if self.schedule is not None else frozenset()
+
+    def step_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """``knobs`` without the schedule's: what one step of the method receives."""
+        return {k: v for k, v in knobs.items() if k not in self.schedule_knobs}
+
+    def check_one_step(self, names: Iterable[str]) -> None:
+        """A ``TypeError`` naming the first of ``names`` that is a schedule knob: a call on given tokens (as
+        :func:`vtoken.reduce`) is one step, and a schedule knob says where inside the language model the step runs,
+        which only ``vtoken.apply`` places."""
+        for key in names:
+            if key in self.schedule_knobs:
+                raise TypeError(f"{key!r} is a schedule knob of the llm-stage method {self.name!r}: it says where "
+                                f"inside the language model the method prunes. vtoken.reduce runs one pruning step on "
+                                f"the tokens you pass; give {key} to vtoken.apply(model, {self.name!r}, ...)")
+
     def check_arguments(self, names: Iterable[str]) -> None:
         """A ``TypeError`` naming the first of ``names`` that is neither a signal nor a knob of this method."""
         for key in names:
+            if key in self.schedule_knobs:
+                continue
             if key not in self.params or key == "mask":
                 raise TypeError(f"method {self.name!r} got an unexpected argument {key!r}; its knobs: "
                                 f"{sorted(self.defaults)}, its signals: {list(self.all_signals)}")
@@ -199,6 +265,18 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         defaults = {k: p.default for k, p in params.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
                     and k not in SIGNALS and k != "mask"}
+        types = _knob_types(fn, defaults)
+        if schedule is not None:
+            twice = set(schedule.knobs) & set(defaults)
+            if twice:
+                raise ValueError(f"method {name!r}: {sorted(twice)} are declared by its schedule and again by the step "
+                                 "function; declare each knob once (schedule knobs in LLMSchedule.layers)")
+            types |= _knob_types(schedule.layers, schedule.knobs)
+            defaults = {**defaults, **schedule.knobs}
+            stray = sorted(schedule.count_params - set(defaults))
+            if stray:
+                raise ValueError(f"method {name!r}: its schedule's counts names {stray}, not among its knobs "
+                                 f"{sorted(defaults)}")
         unknown = set(ranges) - set(defaults)
         if unknown:
             raise ValueError(f"method {name!r}: knob_ranges names {sorted(unknown)}, not among its knobs "
@@ -218,7 +296,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=dict(signal_spec or {}),
             encoder_schedule=dict(encoder_schedule or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "), schedule=schedule,
-            knob_types=_knob_types(fn, defaults), knob_ranges=ranges, knob_rules=tuple(knob_rules),
+            knob_types=types, knob_ranges=ranges, knob_rules=tuple(knob_rules),
             signal_shapes=dict(signal_shapes or {}), knob_docs=_arg_docs(doc, defaults),
             main_knobs=tuple(main_knobs), params=frozenset(k for k in params if k not in ("tokens", "counts")),
         )

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..core import Reduction, check_keep, reduction_from_merge, resolve_keep
+from ._schedule import at_depth
 from ._sparsevlm_ops import (
     SPARSEVLM_BUDGETS,
     sparsevlm_raters,
@@ -41,12 +42,10 @@ def _check_layers(layers: Sequence[int], depth: int) -> list[int]:
 def _layers(depth: int, layers: Sequence[int] = (2, 6, 15), ref_depth: int = 32) -> list[int]:
     """``layers`` given for a ``ref_depth``-layer model (the official 32-layer LLaVA-1.5), scaled to ``depth``
     (``round(l * depth / ref_depth)``, clamped to the layers that can prune) and checked."""
-    if isinstance(ref_depth, bool) or not isinstance(ref_depth, int) or ref_depth < 1:
-        raise ValueError(f"sparsevlm: ref_depth must be an int >= 1 (the depth the layers are given for), "
-                         f"got {ref_depth!r}")
+    at_depth(0, depth, ref_depth, "sparsevlm")
     if ref_depth != depth and not isinstance(layers, (int, str)) and all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v < ref_depth for v in layers):
-        layers = [min(max(round(v * depth / ref_depth), 0), depth - 2) for v in layers]
+        layers = [min(max(at_depth(v, depth, ref_depth, "sparsevlm"), 0), depth - 2) for v in layers]
     return _check_layers(layers, depth)
 
 
@@ -120,7 +119,7 @@ def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           knob_ranges={"ref_depth": ">= 1"})
 def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               llm_embeds: Tensor | None = None, text: Tensor | None = None, text_mask: Tensor | None = None,
-              layers: Sequence[int] = (2, 6, 15), ref_depth: int = 32, recycle: bool = True) -> Reduction:
+              recycle: bool = True) -> Reduction:
     """One SparseVLM (v1.0) pruning: rater-guided top-k of the visual tokens plus recycling of deleted ones.
 
     Args:

@@ -62,15 +62,8 @@ def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_
     return reduction_from_indices(tokens, order, extras={"order": order})
 
 
-def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"todre_llm: threshold must be a number in [0, 1] (an attention ratio), got {threshold!r}")
-    return float(threshold)
-
-
-def _llm_layers(depth: int, layer: int = 28, ref_depth: int = 32, threshold: float = 0.1) -> list[int]:
+def _llm_layers(depth: int, layer: int = 28, ref_depth: int = 32) -> list[int]:
     # `layer` is the decoder layer whose attention decides; the tokens go before the next one
-    _check_threshold(threshold)  # at apply(), before any forward
     return [scale_layer("layer", layer, depth, ref_depth, "todre_llm", lo=0, hi=depth - 2) + 1]
 
 
@@ -83,8 +76,7 @@ def _llm_counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           signals=("llm_text_attn", "text_mask"), exact=False, schedule=LLMSchedule(_llm_layers, _llm_counts),
           knob_ranges={"threshold": "[0, 1]", "ref_depth": ">= 1"})
 def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
-              text_mask: Tensor | None = None, layer: int = 28, ref_depth: int = 32,
-              threshold: float = 0.1) -> Reduction:
+              text_mask: Tensor | None = None, threshold: float = 0.1) -> Reduction:
     """ToDRE stage 2 (relevance-driven token reduction, Sec. 4.2): drop every visual token once the instruction no
     longer attends to them; otherwise keep the ``counts[b]`` most task-relevant ones.
 
@@ -116,7 +108,7 @@ def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm
     reproduced. Returns ``[B, K, D]`` in source order (``K`` may be 0); ``extras``: ``ratio [B]``, ``dropped [B]``,
     ``relevance [B, N]``.
     """
-    threshold = _check_threshold(threshold)
+    threshold = float(threshold)
     assert llm_text_attn is not None and text_mask is not None
     rows = text_mask.to(device=tokens.device, dtype=torch.bool)
     att = llm_text_attn.float().to(tokens.device) * rows[..., None]

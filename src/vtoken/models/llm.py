@@ -32,7 +32,6 @@ mask formats); layers are called with the hidden states as their only positional
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +55,6 @@ _NEEDS_QK = frozenset({"llm_attn", "llm_text_attn", "llm_keys", "llm_text_keys",
 _TEXT = frozenset({"llm_text_attn", "llm_text_keys", "llm_text_hidden", "text", "text_mask"})
 _EMBEDS = frozenset({"llm_embeds", "text"})
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def call_with_knobs(fn: Callable[..., Any], *args: Any, knobs: dict[str, Any]) -> Any:
-    """``fn(*args, **knobs)`` with only the knobs ``fn`` names."""
-    params = inspect.signature(fn).parameters
-    return fn(*args, **{k: v for k, v in knobs.items() if k in params})
 
 
 def take_seq(x: Tensor, cols: Tensor, seq_dim: int) -> Tensor:
@@ -238,7 +231,7 @@ class DecoderPruner:
         self.plan: list[Planned] = []
         for step in steps:
             knobs = {**step.info.defaults, **step.kwargs}
-            layers = call_with_knobs(step.info.schedule.layers, depth, knobs=knobs)
+            layers = step.info.schedule.plan_layers(depth, knobs)
             self.plan += [Planned(layer, step, s, knobs) for s, layer in enumerate(layers)]
         self.plan.sort(key=lambda p: p.layer)  # stable: steps in stage order at a shared layer
         self.capture_layers = sorted({p.layer - 1 for p in self.plan if source(p.step.info) == "previous"})
@@ -376,8 +369,7 @@ class DecoderPruner:
         if id(p.step) not in self.counts:  # a step's schedule counts from the visual tokens its first pruning sees
             sched = p.step.info.schedule
             self.counts[id(p.step)] = [torch.as_tensor(c, dtype=torch.long, device=nv.device) for c in
-                                       call_with_knobs(sched.counts, nv, p.step.keep, self.images,
-                                                       knobs={**p.knobs, "depth": len(self.layers)})]
+                                       sched.plan_counts(nv, p.step.keep, self.images, len(self.layers), p.knobs)]
         counts = self.counts[id(p.step)][p.stage].minimum(nv)
         record = {"layer": p.layer, "method": p.step.info.name, "visual_in": nv.tolist()}
         if bool((counts >= nv).all()):
@@ -425,7 +417,7 @@ class DecoderPruner:
         wanted = set(info.all_signals)
         red = run_method(info, x, rows(counts), mask=None if bool(m.all()) else m,
                          signals={k: rows(v) for k, v in signals.items() if k in wanted},
-                         knobs={k: v for k, v in p.step.kwargs.items() if k in info.params})
+                         knobs=info.step_knobs(p.step.kwargs))
         if sub is None:
             return red
         b = tokens.shape[0]
