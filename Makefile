@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bench demo test lint bench-selection lock test-latest test-transformers
+.PHONY: setup bench demo test lint bench-selection bench-prefill lock test-latest test-transformers
 
 setup:
 	@bash scripts/setup.sh
@@ -22,8 +22,12 @@ test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# speed / memory scripts (benchmarks/README.md); `make bench` is the accuracy bench (vtoken bench)
 bench-selection: setup
 	$(BIN)/python benchmarks/selection.py
+
+bench-prefill: setup
+	$(BIN)/python benchmarks/prefill.py --scale llava --dtype bf16 --threads 1 --clock cpu
 
 # regenerate requirements/lock.txt (the newest versions pyproject.toml allows, torch pinned)
 lock:

@@ -2,9 +2,7 @@
 
 Model (defaults; random weights, SDPA attention everywhere):
   * vision: CLIP ViT, 336 px / patch 14 = 24 x 24 = 576 patches + CLS, width 768, 12 heads, MLP 3072, 6 layers
-    (``--vision-layers``/``--vision-width``). Half a ViT-B: ~56 GFLOPs per image, ~11% of the LM's prefill at the
-    LLaVA scale, the same order as LLaVA-1.5-7B (CLIP ViT-L ~0.35 TFLOPs vs ~8.6 TFLOPs for the 7B LM, 4%); the full
-    ViT-L/14-336 would cost as much as the 0.5B LM and keep a CPU run from finishing in minutes.
+    (``--vision-layers``/``--vision-width``; why half a ViT-B: ``docs/notes.md``).
   * language model: ``--lm qwen2-0.5b`` (default) has Qwen2-0.5B's shapes (the LM of LLaVA-OneVision-0.5B): hidden 896,
     24 layers, 14 heads of 64, 2 KV heads, MLP 4864 (gated), vocab 151,936, tied embeddings = 494M parameters;
     ``--lm llama-0.4b``: hidden 1024, 24 layers, 16 heads (no GQA), MLP 2816, vocab 32,000 = 374M.
@@ -39,16 +37,12 @@ A second table splits the median prefill into exclusive stage times (forward hoo
 model and LM head; wrappers around signals and selection); "other" is the rest (embedding lookup, splice, compaction,
 mask/position bookkeeping, Python glue), and "LLM x" compares the language model's own measured and ideal speedups.
 "time bound x" is the speedup if only the language model's time shrank, exactly with its FLOPs, and every other stage
-kept its unpatched time (no selection cost): fixed costs that do not scale with FLOPs (the tower on a CPU runs at a
-lower FLOP rate than the LM; the LM head on one position is a memory-bound read of the vocab x hidden matrix) keep
-the FLOP ideal out of reach, and meas/bound is what is left for vtoken and the LM's small-shape efficiency to explain.
+kept its unpatched time (no selection cost); meas/bound is what is left for vtoken and the LM's small-shape
+efficiency to explain.
 
 The unpatched baseline is measured before and after the methods (pooled median); on a shared machine compare the
-two medians printed under the table before trusting small differences. There, use ``--threads 1 --clock cpu``: with
-two threads on a 2-core machine that other processes also load, OpenMP barriers stall whenever one thread loses its
-core (wall times 2-3x longer and far more spread); one thread's CPU time leaves out the time spent waiting for a core
-but still varies by about +-10-15% through shared caches and memory bandwidth (compare the "vision" column, the
-same work in every row).
+two medians printed under the table before trusting small differences, and use ``--threads 1 --clock cpu`` (the
+"vision" column, the same work in every row, shows the remaining spread; why: ``docs/notes.md``).
 
     python benchmarks/prefill.py --quick                                     # smoke run, seconds
     python benchmarks/prefill.py --scale llava --repeats 3 --markdown out/prefill.md
@@ -76,6 +70,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import vtoken
 import vtoken.models.pipeline as pipeline_module
 from vtoken.bench import cost
+from vtoken.bench.run import parse_keep
 from vtoken.models import find_adapter
 
 DEFAULT_METHODS = ["random", "uniform", "pool", "divprune", "visionzip", "vtc_cls", "cdpruner", "prumerge_plus", "tome",
@@ -358,14 +353,18 @@ def report(scale: str, results: list[Result], base: Result, base_runs: tuple[flo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parse_keep(text: str) -> float | int:
-    return 1.0 if text == "all" else int(text)
+def keep_value(text: str) -> float | int:
+    """A ``--keeps`` entry read by vtoken's one keep grammar (:func:`vtoken.bench.run.parse_keep`: a count, a ratio
+    or a percentage); ``all`` is keep 1.0, which still runs the adapter."""
+    keep = parse_keep(text)
+    return 1.0 if keep is None else keep
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method names (unsupported ones are skipped)")
-    p.add_argument("--keeps", nargs="+", default=["all", "192", "128", "64"], help="tokens kept per image, or 'all'")
+    p.add_argument("--keeps", nargs="+", default=["all", "192", "128", "64"],
+                   help="tokens kept per image (a count, ratio or percentage), or 'all'")
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls per configuration (median)")
     p.add_argument("--warmup", type=int, default=0, help="untimed calls per configuration (one global warm-up of "
                    "the unpatched model always runs)")
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.methods:
         why = adapter_cls.unsupported(vtoken.get_method(name))
         (skipped.append(f"{name}: {why}") if why else methods.append(name))
-    keeps = [parse_keep(k) for k in args.keeps]
+    keeps = [keep_value(k) for k in args.keeps]
     cfg = model.config
     lm_params = sum(p.numel() for p in {p.data_ptr(): p for m in (model.model.language_model, model.lm_head)
                                          for p in m.parameters()}.values())

@@ -1,7 +1,7 @@
 """Selection overhead of every method: median ``vtoken.reduce`` time on CPU at VLM scales.
 
 Scales: LLaVA-1.5 (N=576, D=4096, keep=64) and LLaVA-NeXT (N=2880, D=4096, keep=320), batch 1 and 8. Signals are
-the deterministic stand-ins of ``vtoken.bench.synthetic`` (built outside the timed region).
+the deterministic stand-ins of ``vtoken.synthetic`` (built outside the timed region).
 
     python benchmarks/selection.py                     # every method, all four settings
     python benchmarks/selection.py --methods divprune tome --repeats 9 --markdown out/selection.md
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import vtoken
-from vtoken.bench.synthetic import make_signals
+from vtoken.synthetic import make_signals
 
 SCALES = [("LLaVA-1.5", 576, (24, 24), 64), ("LLaVA-NeXT", 2880, (48, 60), 320)]
 

@@ -28,28 +28,32 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def parse_keep(text: str) -> int | float:
-    """``"64"`` -> 64 (a count), ``"0.25"`` or ``"25%"`` -> 0.25 (a ratio); anything else is an argparse error."""
-    from .bench.run import parse_keep as parse_budget
+def _read_keep(text: str, allow_all: bool) -> int | float | None:
+    """``text`` read by the one ``--keep`` grammar, :func:`vtoken.bench.run.parse_keep` (an int count, a float ratio
+    or a percentage such as ``25%``; ``'all'`` only where ``allow_all``); an argparse error otherwise."""
+    from .bench.run import parse_keep
 
     try:
-        value = parse_budget(text)
-    except ValueError:
+        value = parse_keep(text)
+    except ValueError as err:
+        if allow_all:
+            raise argparse.ArgumentTypeError(str(err)) from None
         value = None
-    if value is None:
+    if value is None and not allow_all:
         raise argparse.ArgumentTypeError(f"keep {text!r}: use an int count >= 1, a ratio in (0, 1] or a "
                                          "percentage")
     return value
 
 
-def parse_budget(text: str) -> str:
-    """A ``vtoken bench --keep`` label, checked (``'all'``, a count, a ratio or a percentage) and returned as given."""
-    from .bench.run import parse_keep as parse_bench_keep
+def keep_arg(text: str) -> int | float:
+    """argparse ``type`` of ``demo`` / ``show --keep``: ``"64"`` -> 64 (a count), ``"0.25"`` or ``"25%"`` -> 0.25."""
+    return _read_keep(text, allow_all=False)  # type: ignore[return-value]  # None only with allow_all
 
-    try:
-        parse_bench_keep(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+
+def budget_arg(text: str) -> str:
+    """argparse ``type`` of ``bench --keep``: the label, checked (``'all'``, a count, a ratio or a percentage) and
+    returned as given."""
+    _read_keep(text, allow_all=True)
     return text
 
 
@@ -245,7 +249,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_train_micro(args: argparse.Namespace) -> int:
     from .bench.run import check_device
-    from .bench.train_micro import train_micro
+    from .training.train_micro import train_micro
 
     check_device(args.device)
     train_micro(args.out, seed=args.seed, root=args.root, device=args.device, install=args.install,
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
     d = sub.add_parser("demo", help="reduce the pixel-patch tokens of a sample image with every method")
     d.add_argument("--image", default="astronaut", help="a bundled sample name or an image path")
-    d.add_argument("--keep", type=parse_keep, default=64,
+    d.add_argument("--keep", type=keep_arg, default=64,
                    help="tokens to keep: an int count >= 1, a ratio in (0, 1] or a percentage")
     d.add_argument("--methods", nargs="+", type=method_name, help="method names (default: all)")
     d.add_argument("--out", default="out/demo", help="folder for overlays.png ('': none)")
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
     b.add_argument("--methods", nargs="+", type=method_name,
                    help="method names (default: every method the model runs)")
-    b.add_argument("--keep", nargs="+", type=parse_budget, default=["all", "0.5", "0.25", "0.11"],
+    b.add_argument("--keep", nargs="+", type=budget_arg, default=["all", "0.5", "0.25", "0.11"],
                    help="budgets: 'all', int counts, ratios or percentages (default: all 0.5 0.25 0.11)")
     b.add_argument("--limit", type=positive_int, default=None, help="only the first N test questions")
     b.add_argument("--batch-size", type=positive_int, default=50)
@@ -298,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="write an overlay PNG of the visual tokens a method keeps on an image")
     s.add_argument("image", help="an image file")
     s.add_argument("--method", required=True, type=method_name)
-    s.add_argument("--keep", type=parse_keep, required=True,
+    s.add_argument("--keep", type=keep_arg, required=True,
                    help="an int count >= 1, a ratio in (0, 1] or a percentage")
     s.add_argument("--model", default=None, help="a local Hugging Face VLM folder (default: the bundled micro LLaVA)")
     s.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)

@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CATALOGUE",
     "SIGNALS",
     "SIGNAL_SHAPES",
     "Reduction",
+    "Signal",
     "SignalShape",
     "all_finite",
     "check_keep",
@@ -36,44 +38,9 @@ __all__ = [
     "reduction_from_indices",
     "reduction_from_merge",
     "resolve_keep",
+    "signals_where",
     "topk_indices",
 ]
-
-#: Every signal a method may consume, by its fixed keyword name. A method declares which ones it needs in its
-#: registration; a missing one is a ``ValueError`` naming the signal and the method. Shapes use ``B`` (batch),
-#: ``N`` (visual tokens passed as ``tokens``), ``L`` (layers), ``T`` (text tokens), ``H`` (heads).
-SIGNALS: dict[str, str] = {
-    "cls_attn": "[B, N] head-averaged CLS->patch attention probabilities of one vision layer (CLS column removed).",
-    "cls_attn_layers": "[B, L, N] the same for L layers, shallow to deep.",
-    "attn_logits": "[B, N] head-averaged PRE-softmax CLS->patch attention logits (q*scale @ k^T) of one layer.",
-    "attn": "[B, N, N] head-averaged patch->patch attention probabilities of one layer (rows are queries).",
-    "attn_received_layers": ("[B, L, N] attention each visual token receives in L vision layers (shallow to deep): "
-                             "probabilities averaged over heads, then over ALL query rows (CLS row included), "
-                             "CLS column dropped."),
-    "cls_q": "[B, H, d] per-head CLS query of one layer (for methods that rebuild attention themselves).",
-    "keys": "[B, N, d] attention keys of one layer, averaged over heads (ToMe/VisionZip metric).",
-    "vision_features": "[B, N, C] a second view of the same tokens (e.g. pre-projector CLIP features).",
-    "text": "[B, T, D] text token embeddings of the prompt (same width as the tokens unless a method says).",
-    "text_mask": "[B, T] bool, True on real text tokens.",
-    "grid": "(H, W) ints with H * W == N: raster layout of the visual tokens.",
-    "crop_ids": "[B, N] long, which crop (0 = global view) each token comes from.",
-    "frame_ids": "[B, N] long, which video frame each token comes from (non-decreasing).",
-    "positions": "[B, N] or [B, N, P] position ids of the tokens in the full sequence.",
-    "llm_attn": ("[B, N] attention probabilities from the last token of the prompt to each visual token inside the "
-                 "LLM (one decoder layer, averaged over heads; softmax over the whole sequence)."),
-    "llm_text_attn": ("[B, T, N] the same from each instruction token (the prompt's text after its last visual "
-                      "token; rows marked by text_mask) to each visual token."),
-    "llm_keys": "[B, N, dk] keys of the visual tokens in one decoder layer (RoPE applied, heads concatenated).",
-    "llm_hidden": "[B, N, D] hidden states of the visual tokens entering a decoder layer, after the LM's final norm.",
-    "llm_text_keys": "[B, T, dk] llm_keys of the instruction tokens (rows marked by text_mask).",
-    "llm_text_hidden": "[B, T, D] llm_hidden of the instruction tokens (rows marked by text_mask).",
-    "llm_embeds": "[B, N, D] input embeddings of the visual tokens (what the language model's first layer received).",
-    "llm_attn_rank": ("[B, N] importance of each visual token in one decoder layer's attention graph over the whole "
-                      "sequence: PageRank-style power steps per head through the causal softmax(logits / temperature) "
-                      "rows of EVERY token (ops.attention.attention_pagerank), heads combined by root mean square."),
-    "sizes": "[B, N] float, how many original patches each token already represents (merging methods).",
-}
-
 
 class SignalShape(NamedTuple):
     """The full shape of one tensor signal: ``dims``, its axes as symbols (alternatives separated by ``|``), and
@@ -84,36 +51,116 @@ class SignalShape(NamedTuple):
     kind: str
 
 
-#: The full shape of every tensor signal of :data:`SIGNALS` (``grid`` is a pair of ints, see :func:`check_signal`).
-#: ``B``, ``N`` and ``D`` are the tokens' axes; every other symbol must have one size across the signals of one call
-#: (``T`` of ``text``, ``text_mask`` and the ``llm_text_*`` signals, ``dk`` of ``llm_keys`` and ``llm_text_keys``).
-#: A method whose signal differs registers the difference (``register(signal_shapes={"text": "B T C"})``: CDPruner's
-#: text lives in the space of ``vision_features``).
-SIGNAL_SHAPES: dict[str, SignalShape] = {
-    "cls_attn": SignalShape("B N", "float"),
-    "cls_attn_layers": SignalShape("B L N", "float"),
-    "attn_logits": SignalShape("B N", "float"),
-    "attn": SignalShape("B N N", "float"),
-    "attn_received_layers": SignalShape("B L N", "float"),
-    "cls_q": SignalShape("B H d", "float"),
-    "keys": SignalShape("B N d", "float"),
-    "vision_features": SignalShape("B N C", "float"),
-    "text": SignalShape("B T D", "float"),
-    "text_mask": SignalShape("B T", "bool"),
-    "crop_ids": SignalShape("B N", "int"),
-    "frame_ids": SignalShape("B N", "int"),
-    "positions": SignalShape("B N | B N P", "int"),
-    "llm_attn": SignalShape("B N", "float"),
-    "llm_text_attn": SignalShape("B T N", "float"),
-    "llm_keys": SignalShape("B N dk", "float"),
-    "llm_hidden": SignalShape("B N D", "float"),
-    "llm_text_keys": SignalShape("B T dk", "float"),
-    "llm_text_hidden": SignalShape("B T D", "float"),
-    "llm_embeds": SignalShape("B N D", "float"),
-    "llm_attn_rank": SignalShape("B N", "float"),
-    "sizes": SignalShape("B N", "float"),
+@dataclass(frozen=True)
+class Signal:
+    """One entry of the signal catalogue (:data:`CATALOGUE`): everything vtoken knows about a signal, declared once.
+
+    ``dims`` is the full shape as axis symbols (alternatives separated by ``|``; ``None`` for ``grid``, a pair of
+    ints): ``B``, ``N`` and ``D`` are the tokens' axes, every other symbol must have one size across the signals of
+    one call. ``kind`` is the dtype class (:class:`SignalShape`). The flags say who can give it: ``cls`` only a
+    [CLS] query row of the vision tower (a tower without one needs the method's declared fallback,
+    ``SignalSpec.without_cls``); ``attention`` is read from a vision layer's queries/keys (multi-view families compute
+    it per view); ``llm`` is computed inside the language model by the ``llm`` stage, ``llm_qk`` from a decoder
+    layer's queries/keys, ``llm_text`` about the instruction tokens, ``llm_embeds`` from the input embeddings.
+    """
+
+    doc: str
+    dims: str | None
+    kind: str = "float"
+    cls: bool = False
+    attention: bool = False
+    llm: bool = False
+    llm_qk: bool = False
+    llm_text: bool = False
+    llm_embeds: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("float", "bool", "int", "pair"):
+            raise ValueError(f"a signal's kind is 'float', 'bool', 'int' or 'pair', got {self.kind!r}")
+        if (self.dims is None) != (self.kind == "pair"):
+            raise ValueError("only a 'pair' signal (grid) has no dims")
+
+    @property
+    def token_axes(self) -> tuple[int, ...]:
+        """The axes indexed by visual token (``N``) in the first shape alternative (``attn``: ``(1, 2)``)."""
+        first = (self.dims or "").split("|")[0].split()
+        return tuple(i for i, sym in enumerate(first) if sym == "N")
+
+    @property
+    def token_axis(self) -> int | None:
+        """The one axis indexed by visual token (gathered when tokens drop); ``None`` for none or two."""
+        axes = self.token_axes
+        return axes[0] if len(axes) == 1 else None
+
+
+#: Every signal a method may consume, by its fixed keyword name: documentation, full shape, dtype class and who can
+#: give it, declared once (:class:`Signal`). A method lists the ones it needs in its registration; a missing one is
+#: a ``ValueError`` naming the signal and the method. Symbols: ``B`` batch, ``N`` the visual tokens passed as
+#: ``tokens``, ``D`` their width, ``L`` layers, ``T`` text tokens, ``H`` heads.
+CATALOGUE: dict[str, Signal] = {
+    "cls_attn": Signal("[B, N] head-averaged CLS->patch attention probabilities of one vision layer (CLS column "
+                       "removed).", "B N", cls=True, attention=True),
+    "cls_attn_layers": Signal("[B, L, N] the same for L layers, shallow to deep.", "B L N", cls=True,
+                              attention=True),
+    "attn_logits": Signal("[B, N] head-averaged PRE-softmax CLS->patch attention logits (q*scale @ k^T) of one "
+                          "layer.", "B N", cls=True, attention=True),
+    "attn": Signal("[B, N, N] head-averaged patch->patch attention probabilities of one layer (rows are queries).",
+                   "B N N", attention=True),
+    "attn_received_layers": Signal("[B, L, N] attention each visual token receives in L vision layers (shallow to "
+                                   "deep): probabilities averaged over heads, then over ALL query rows (CLS row "
+                                   "included), CLS column dropped.", "B L N", attention=True),
+    "cls_q": Signal("[B, H, d] per-head CLS query of one layer (for methods that rebuild attention themselves).",
+                    "B H d", cls=True),
+    "keys": Signal("[B, N, d] attention keys of one layer, averaged over heads (ToMe/VisionZip metric).", "B N d",
+                   attention=True),
+    "vision_features": Signal("[B, N, C] a second view of the same tokens (e.g. pre-projector CLIP features).",
+                              "B N C"),
+    "text": Signal("[B, T, D] text token embeddings of the prompt (same width as the tokens unless a method says).",
+                   "B T D", llm=True, llm_text=True, llm_embeds=True),
+    "text_mask": Signal("[B, T] bool, True on real text tokens.", "B T", "bool", llm=True, llm_text=True),
+    "grid": Signal("(H, W) ints with H * W == N: raster layout of the visual tokens.", None, "pair"),
+    "crop_ids": Signal("[B, N] long, which crop (0 = global view) each token comes from.", "B N", "int"),
+    "frame_ids": Signal("[B, N] long, which video frame each token comes from (non-decreasing).", "B N", "int"),
+    "positions": Signal("[B, N] or [B, N, P] position ids of the tokens in the full sequence.", "B N | B N P", "int",
+                        llm=True),
+    "llm_attn": Signal("[B, N] attention probabilities from the last token of the prompt to each visual token inside "
+                       "the LLM (one decoder layer, averaged over heads; softmax over the whole sequence).", "B N",
+                       llm=True, llm_qk=True),
+    "llm_text_attn": Signal("[B, T, N] the same from each instruction token (the prompt's text after its last visual "
+                            "token; rows marked by text_mask) to each visual token.", "B T N", llm=True, llm_qk=True,
+                            llm_text=True),
+    "llm_keys": Signal("[B, N, dk] keys of the visual tokens in one decoder layer (RoPE applied, heads "
+                       "concatenated).", "B N dk", llm=True, llm_qk=True),
+    "llm_hidden": Signal("[B, N, D] hidden states of the visual tokens entering a decoder layer, after the LM's final "
+                         "norm.", "B N D", llm=True),
+    "llm_text_keys": Signal("[B, T, dk] llm_keys of the instruction tokens (rows marked by text_mask).", "B T dk",
+                            llm=True, llm_qk=True, llm_text=True),
+    "llm_text_hidden": Signal("[B, T, D] llm_hidden of the instruction tokens (rows marked by text_mask).", "B T D",
+                              llm=True, llm_text=True),
+    "llm_embeds": Signal("[B, N, D] input embeddings of the visual tokens (what the language model's first layer "
+                         "received).", "B N D", llm=True, llm_embeds=True),
+    "llm_attn_rank": Signal("[B, N] importance of each visual token in one decoder layer's attention graph over the "
+                            "whole sequence: PageRank-style power steps per head through the causal softmax(logits / "
+                            "temperature) rows of EVERY token (ops.attention.attention_pagerank), heads combined by "
+                            "root mean square.", "B N", llm=True, llm_qk=True),
+    "sizes": Signal("[B, N] float, how many original patches each token already represents (merging methods).",
+                    "B N"),
 }
-assert set(SIGNAL_SHAPES) | {"grid"} == set(SIGNALS), "every tensor signal declares its shape"
+
+#: Each signal's documentation (a view of :data:`CATALOGUE`).
+SIGNALS: dict[str, str] = {name: sig.doc for name, sig in CATALOGUE.items()}
+
+#: The full shape of every tensor signal (a view of :data:`CATALOGUE`; ``grid`` is a pair of ints, see
+#: :func:`check_signal`). A method whose signal differs registers the difference (``register(signal_shapes={"text":
+#: "B T C"})``: CDPruner's text lives in the space of ``vision_features``).
+SIGNAL_SHAPES: dict[str, SignalShape] = {name: SignalShape(sig.dims, sig.kind) for name, sig in CATALOGUE.items()
+                                         if sig.dims is not None}
+
+
+def signals_where(**flags: bool) -> frozenset[str]:
+    """The catalogued signals whose :class:`Signal` flags have the given values (``signals_where(cls=True)``)."""
+    return frozenset(name for name, sig in CATALOGUE.items()
+                     if all(getattr(sig, flag) == want for flag, want in flags.items()))
 
 
 @dataclass

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from vtoken.bench import fashion
-from vtoken.bench.micro_llava import build_processor, micro_llava_config
 from vtoken.bench.report import markdown_table, pareto_front
 from vtoken.bench.run import keep_label, parse_keep, run_bench
 from vtoken.cli import main
+from vtoken.training.micro_llava import build_processor, micro_llava_config
 
 TINY = dict(vision_hidden=16, vision_layers=2, text_hidden=16, text_layers=2, heads=2)
 

@@ -22,10 +22,10 @@ import vtoken.models
 from vtoken import cli
 from vtoken.bench import fashion
 from vtoken.bench.images import load_image, open_rgb, to_rgb
-from vtoken.bench.micro_llava import build_processor, micro_llava_config
 from vtoken.bench.run import PARTIAL, hub_offline, load_model, resolve_model, run_bench, writable_dir
 from vtoken.bench.show import output_path, show
 from vtoken.cli import UsageError, main
+from vtoken.training.micro_llava import build_processor, micro_llava_config
 
 TINY = dict(vision_hidden=16, vision_layers=2, text_hidden=16, text_layers=2, heads=2)
 FAST = ["--limit", "4", "--batch-size", "4", "--repeats", "1", "--overlays", "0", "--no-progress"]

@@ -8,21 +8,21 @@ import pytest
 import torch
 
 from vtoken.bench import fashion
-from vtoken.bench.micro_llava import (
+from vtoken.bench.common import default_model_path
+from vtoken.training.micro_llava import (
     EOS_ID,
     IMAGE_ID,
     NUM_IMAGE_TOKENS,
     PAD_ID,
     build_processor,
     build_tokenizer,
-    default_model_path,
     load_micro_llava,
     micro_llava_config,
     pixel_values,
     rendered_prompt,
     vocab,
 )
-from vtoken.bench.train_llava import (
+from vtoken.training.train_llava import (
     CHECKPOINT,
     TOWER,
     Conversations,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vtoken.bench import fashion
-from vtoken.bench.train_vit import (
+from vtoken.training.train_vit import (
     CHECKPOINT,
     METRICS,
     augment_batch,
@@ -131,7 +131,7 @@ def test_real_data_two_steps(tmp_path):
 def test_shipped_micro_vit_loads_with_auto_classes():
     from transformers import AutoModelForImageClassification
 
-    from vtoken.bench.micro_llava import default_vit_path
+    from vtoken.bench.common import default_vit_path
 
     path = default_vit_path()
     if not (path / "config.json").is_file():

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vtoken
-from vtoken.bench.synthetic import make_signals
 from vtoken.core import resolve_keep
+from vtoken.synthetic import make_signals
 
 # layout methods (token_shuffle) accept only the keeps their window allows; tests/methods/test_layout.py covers them
 METHODS = [m.name for m in vtoken.methods() if m.needs_keep and m.kind != "layout"]

@@ -136,3 +136,70 @@ def test_llm_schedule_knobs_are_declared_once_and_refused_by_reduce():
                   schedule=LLMSchedule(layers, counts))
         def twice(tokens, counts, *, mask=None, layer: int = 1):
             return None
+
+
+def test_signal_spec_is_a_typed_value_checked_at_registration():
+    from vtoken.methods import SignalSpec
+    from vtoken.methods.registry import register
+
+    spec = vtoken.get_method("hiprune").signal_spec["attn_received_layers"]
+    assert isinstance(spec, SignalSpec) and spec.layers == (8, -2) and spec.feature_layer
+    assert spec.for_family("qwen2_vl").layers == (15, -1) and spec.for_family("llava").layers == (8, -2)
+    assert SignalSpec(layer=-2) == {"layer": -2} and "SignalSpec(layer=-2)" == repr(SignalSpec(layer=-2))
+    with pytest.raises(TypeError):
+        SignalSpec(layr=-2)
+    for bad in ({"layer": "middle"}, {"heads": "sum"}, {"ref_depth": 0}, {"layers": (1.5,)}):
+        with pytest.raises(ValueError, match="SignalSpec"):
+            SignalSpec(**bad)
+
+    def fn(tokens, counts, *, mask=None, cls_attn=None):
+        return None
+
+    with pytest.raises(TypeError, match=r"signal_spec\['cls_attn'\]: unknown signal spec key\(s\) \['source'\]"):
+        register("typo_spec", paper="-", venue="-", repo=None, stage="pre_llm", kind="prune", signals=("cls_attn",),
+                 signal_spec={"cls_attn": {"layer": -2, "source": "qk"}})(fn)
+    with pytest.raises(ValueError, match="not among its signals"):
+        register("stray_spec", paper="-", venue="-", repo=None, stage="pre_llm", kind="prune", signals=("cls_attn",),
+                 signal_spec={"keys": SignalSpec(layer=-2)})(fn)
+    with pytest.raises(ValueError, match="without_cls"):
+        register("bad_fallback", paper="-", venue="-", repo=None, stage="pre_llm", kind="prune", signals=("keys",),
+                 signal_spec={"keys": SignalSpec(without_cls="received")})(fn)
+    assert "typo_spec" not in {m.name for m in vtoken.methods()}
+
+
+def test_models_name_no_method_and_specs_name_real_families():
+    """Adapters implement the mechanisms (a [CLS] fallback, a family's own signal layers, LLaVA's select layer); the
+    methods declare them. No string constant in models/ code is a method name."""
+    import ast
+    from pathlib import Path
+
+    from vtoken.models import ADAPTERS
+
+    names = {m.name for m in vtoken.methods()}
+    root = Path(vtoken.__file__).parent / "models"
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef,
+                ast.FunctionDef)) and n.body and isinstance(n.body[0], ast.Expr)}
+        attrs = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id in ("hasattr", "getattr") for a in n.args}  # module attributes such as lm.norm
+        found = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docs | attrs
+                 and n.value in names}
+        assert not found, f"{path.name} names methods {sorted(found)}"
+    families = {a.family for a in ADAPTERS}
+    for m in vtoken.methods():
+        for spec in m.signal_spec.values():
+            assert set(spec.families) <= families, (m.name, set(spec.families) - families)
+
+
+def test_cls_free_towers_run_only_the_declared_fallbacks():
+    from vtoken.models.idefics3 import Idefics3Adapter
+    from vtoken.models.llava_onevision import LlavaOnevisionAdapter
+    from vtoken.models.qwen2_vl import Qwen2VLAdapter
+
+    for adapter in (Idefics3Adapter, LlavaOnevisionAdapter, Qwen2VLAdapter):
+        assert not adapter.has_cls
+        assert adapter.unsupported(vtoken.get_method("visionzip")) is None  # declares without_cls="received"
+        why = adapter.unsupported(vtoken.get_method("hired"))
+        assert why is not None and "no CLS token" in why and "'hired' declares no substitute" in why
+

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import vtoken
-from vtoken.bench.synthetic import make_signals
 from vtoken.core import SIGNAL_SHAPES, SIGNALS, resolve_keep
 from vtoken.methods.registry import MethodInfo, Range
 from vtoken.models.pipeline import build_steps
+from vtoken.synthetic import make_signals
 
 METHODS = vtoken.methods()
 NAMES = [m.name for m in METHODS]

@@ -13,7 +13,7 @@ from tests.models.tiny_qwen import IMAGE_TOKEN, PIXELS, TINY, VIDEO_TOKEN, qwen_
 from vtoken.methods import get_method
 from vtoken.models import families_supporting
 from vtoken.models.base import CLS_SIGNALS
-from vtoken.models.qwen2_vl import CLS_SUBSTITUTES, Qwen2VLAdapter, Qwen25VLAdapter
+from vtoken.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 FAMILIES = list(TINY)
 SUPPORTED = contract.supported(Qwen2VLAdapter)
@@ -44,7 +44,8 @@ def reference(models, inputs):
 def test_supported_methods_and_reasons():
     expected = {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"
                 and m.needs_keep and set(m.signals) <= Qwen2VLAdapter.provides
-                and not (CLS_SIGNALS & set(m.signals))} | set(CLS_SUBSTITUTES)
+                and not (CLS_SIGNALS & set(m.signals))} | {  # methods that declare a [CLS] fallback
+        m.name for m in vtoken.methods() if any(spec.without_cls for spec in m.signal_spec.values())}
     assert set(SUPPORTED) == expected
     assert {"visionzip", "hiprune", "divprune", "cdpruner", "mmtok", "aim_merge"} <= set(SUPPORTED)
     for name in ("vtc_cls", "hired", "prumerge", "prumerge_plus"):

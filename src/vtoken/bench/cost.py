@@ -2,8 +2,8 @@
 
 FLOPs count matrix multiplications only (2 FLOPs per multiply-add): projections, MLP, the two attention products
 (``Q K^T`` and ``P V``, the quadratic term) and the LM head. Norms, activations, softmax, rotary embeddings and
-biases are ignored (well under 1% at these widths). Dense decoder-only language models (Llama, Qwen2, Mistral,
-Vicuna, ...) and CLIP/SigLIP-style encoders are covered; mixture-of-experts layers are not.
+biases are ignored (how much that leaves out: ``docs/notes.md``). Dense decoder-only language models (Llama, Qwen2,
+Mistral, Vicuna, ...) and CLIP/SigLIP-style encoders are covered; mixture-of-experts layers are not.
 
 Every function takes a Hugging Face config (a VLM config is reduced to its text / vision part), a sequence length
 and a batch size, so ``vtoken bench`` and ``benchmarks/prefill.py`` share one cost model.

@@ -1,7 +1,7 @@
 """The model-free demo: reduce the pixel-patch tokens of a sample image with every method.
 
 Each method sees the 24x24 grid of 14-pixel patches of a 336x336 image (the LLaVA-1.5 layout) as tokens; signals a
-model would provide (CLS attention, keys, text) are the synthetic stand-ins of :mod:`vtoken.bench.synthetic`. The
+model would provide (CLS attention, keys, text) are the synthetic stand-ins of :mod:`vtoken.synthetic`. The
 image is rebuilt from the kept tokens (each patch takes the output token it was merged into, or its most similar
 kept token) and scored by PSNR; overlays show which patches each method kept.
 """
@@ -21,8 +21,8 @@ from ..api import reduce
 from ..core import Reduction, resolve_keep
 from ..methods import MethodInfo, all_methods, get_method
 from ..ops.similarity import cosine_similarity
+from ..synthetic import make_signals
 from .images import load_image, patchify, unpatchify
-from .synthetic import make_signals
 
 
 @dataclass

@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from ..methods import all_methods, get_method
+from .common import default_model_path, progress_bar
 from .cost import kv_cache_bytes, llm_prefill_flops, projector_flops, vit_flops
 from .errors import UsageError, user_input
 from .fashion import QTYPES, Example, accuracy_by_type, load_default_test_set
-from .train_vit import _progress
+from .vqa import answer, prepare_batches, to_device
 
 DEFAULT_KEEPS = ("all", "0.5", "0.25", "0.11")
 #: stages a default run covers on an image VLM (video methods are for frames, encoder methods for ViT classifiers)
@@ -69,7 +70,9 @@ class Row:
 
 # ---------------------------------------------------------------------------------------------------- parsing
 def parse_keep(text: str) -> int | float | None:
-    """``"all"`` -> None, ``"64"`` -> 64, ``"0.25"`` / ``"25%"`` -> 0.25."""
+    """vtoken's one ``--keep`` grammar (``vtoken bench``, ``show``, ``demo``, ``benchmarks/prefill.py``):
+    ``"all"`` -> None, ``"64"`` -> 64 (an int count >= 1), ``"0.25"`` / ``"25%"`` -> 0.25 (a ratio in (0, 1]);
+    a ``ValueError`` naming ``text`` otherwise."""
     t = str(text).strip().lower()
     if t in ("all", "full", "none"):
         return None
@@ -111,8 +114,6 @@ def resolve_model(path: str | Path | None, allow_download: bool = False) -> tupl
     Without ``allow_download`` only an existing folder with a ``config.json`` is accepted (a ``FileNotFoundError``
     that says so otherwise, before anything is imported or requested); with it, a path that does not exist is taken
     as a Hugging Face hub id."""
-    from .micro_llava import default_model_path
-
     if path is None:
         folder = default_model_path()
         if not (folder / "config.json").is_file():
@@ -220,49 +221,11 @@ def writable_dir(path: str | Path, arg: str = "--out") -> Path:
     return folder
 
 
-def chat_prompt(processor, question: str) -> str:
-    """The processor's chat template for one user turn: an image, then ``question``."""
-    return processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
-
-
-def prepare_batches(processor, examples: Sequence[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Processor inputs (chat prompt + image, left padded) for consecutive batches of ``examples``."""
-    out = []
-    for i in range(0, len(examples), batch_size):
-        exs = examples[i:i + batch_size]
-        prompts = [chat_prompt(processor, e.question) for e in exs]
-        out.append(dict(processor(images=[e.image for e in exs], text=prompts, return_tensors="pt",
-                                  padding=True)))
-    return out
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.inference_mode()
-def answer(model: nn.Module, processor, batches: list[dict[str, torch.Tensor]], indices: Sequence[int],
-           max_new_tokens: int = 4, on_batch: Callable[[], None] | None = None) -> dict[int, list[str]]:
-    """Greedy answers of the batches numbered ``indices``."""
-    dev = next(model.parameters()).device
-    pad = getattr(processor.tokenizer, "pad_token_id", None)
-    out: dict[int, list[str]] = {}
-    for i in indices:
-        inputs = _to(batches[i], dev)
-        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        out[i] = [s.strip() for s in processor.batch_decode(gen[:, inputs["input_ids"].shape[1]:],
-                                                            skip_special_tokens=True)]
-        if on_batch is not None:
-            on_batch()
-    return out
-
-
 @torch.inference_mode()
 def prefill_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time (ms) of one prefill forward (``use_cache=True``, as generate's first step)."""
     dev = next(model.parameters()).device
-    inputs = _to(batch, dev)
+    inputs = to_device(batch, dev)
     times = []
     for r in range(warmup + repeats):
         if dev.type == "cuda":
@@ -540,7 +503,7 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
         say(f"bench: resuming, {len(done)} of {len(configs)} configurations already in {partial} "
             "(--fresh recomputes them)")
 
-    bar_cm = _progress(progress and rank == 0)
+    bar_cm = progress_bar(progress and rank == 0)
     t_start = time.perf_counter()
     with bar_cm as bar:
         task = bar.add_task("bench", total=len(configs) * len(mine), info="") if bar is not None else None

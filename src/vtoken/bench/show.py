@@ -13,7 +13,8 @@ from ..methods import get_method
 from .errors import UsageError, user_input
 from .images import open_rgb
 from .report import overlay_tile
-from .run import chat_prompt, load_model, writable_dir
+from .run import load_model, writable_dir
+from .vqa import chat_prompt
 
 #: output file extensions ``show`` writes (those of them the installed Pillow can save)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

@@ -17,7 +17,7 @@ from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.matching import repeated_bipartite_merge
 from ..ops.merge import MergeState
 from ._schedule import at_depth, linear_counts, resolve_llm_keep, scale_layer
-from .registry import LLMSchedule, register
+from .registry import LLMSchedule, SignalSpec, register
 from .tome import finish, per_round_caps
 
 
@@ -77,7 +77,7 @@ def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, *, sta
 
 @register("aim", paper="AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning",
           venue="ICCV 2025", repo="https://github.com/LaVi-Lab/AIM", stage="llm", kind="prune",
-          signals=("llm_attn_rank",), signal_spec={"llm_attn_rank": {"temperature": 0.1, "iters": 5}},
+          signals=("llm_attn_rank",), signal_spec={"llm_attn_rank": SignalSpec(temperature=0.1, iters=5)},
           schedule=LLMSchedule(_aim_layers, _aim_counts),
           knob_ranges={"ref_depth": ">= 1"})
 def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,

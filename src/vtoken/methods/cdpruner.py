@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_indices
 from ..ops.dpp import conditional_kernel, greedy_map, greedy_map_rows
 from ..ops.similarity import float32, l2_normalize
-from .registry import register
+from .registry import SignalSpec, register
 
 _NORM_EPS = 1e-12  # only changes all-zero rows (plain division, as the official code does, would give NaN)
 
@@ -59,10 +59,10 @@ def instruction_relevance(vision_features: Tensor, text: Tensor, *, text_mask: T
 @register("cdpruner", paper="Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in "
           "MLLMs", venue="arXiv 2025", repo="https://github.com/Theia-4869/CDPruner", stage="pre_llm", kind="prune",
           signals=("vision_features", "text"), optional_signals=("text_mask",), parity=True, fixture="cdpruner",
-          signal_spec={"vision_features": {"source": "clip_patch_embeds", "space": "clip_joint",
-                                           "note": "post_layernorm + visual_projection of the patch tokens"},
-                       "text": {"source": "clip_text_embeds", "space": "clip_joint",
-                                "note": "instruction, one row per 77-token chunk"}},
+          signal_spec={"vision_features": SignalSpec(space="clip_joint", note="CLIP's patch embeddings: "
+                                                     "post_layernorm + visual_projection of the patch tokens"),
+                       "text": SignalSpec(space="clip_joint", note="CLIP's text embeddings of the instruction, one "
+                                                                   "row per 77-token chunk")},
           knob_ranges={"relevance_norm": ("sample", "batch")},
           signal_shapes={"text": "B T C"})  # text in the CLIP joint space of vision_features
 def cdpruner(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_features: Tensor | None = None,

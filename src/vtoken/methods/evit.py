@@ -11,17 +11,17 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_merge, topk_indices
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
 
 
 @register("evit", paper="Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations",
           venue="ICLR 2022", repo="https://github.com/youweiliang/evit", space="vision", stage="encoder", kind="merge",
           signals=("cls_attn",), parity=True, fixture="evit",
           encoder_schedule={"layers": [0.25, 0.5, 0.75], "schedule": "geometric"},
-          signal_spec={"cls_attn": {"layer": "same", "source": "qk", "heads": "mean",
-                                    "note": "the CLS row of the reorganising block's own attention, per-head "
+          signal_spec={"cls_attn": SignalSpec(layer="same", heads="mean",
+                                    note="the CLS row of the reorganising block's own attention, per-head "
                                             "softmax(q k^T * head_dim**-0.5), head mean; with class_token=True it "
-                                            "spans all N tokens (column 0 = CLS->CLS, ignored)"}})
+                                            "spans all N tokens (column 0 = CLS->CLS, ignored)")})
 def evit(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
          fuse_token: bool = True, class_token: bool = False) -> Reduction:
     """Keep the patches with the highest [CLS] attention and fuse the rest into one attention-weighted token.

@@ -15,7 +15,7 @@ from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.crops import anyres_layout, apportion, topk_per_group
 from ..ops.grid import bilinear_taps
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
 
 _EPS = 1e-12  # F.normalize's eps
 
@@ -38,9 +38,9 @@ def _group_normalize(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
           venue="AAAI 2026", repo="https://github.com/xuyang-liu16/GlobalCom2", stage="pre_llm", kind="prune",
           signals=("attn_logits",), optional_signals=("crop_ids",), parity=True, fixture="globalcom2", exact=False,
           space="llm",
-          signal_spec={"attn_logits": {"layer": -1, "source": "qk", "heads": "mean",
-                                       "note": "PRE-softmax CLS->patch logits (q*scale @ k^T) of the LAST CLIP layer, "
-                                               "head mean, every view with its own CLS (official apply_customvit)"}},
+          signal_spec={"attn_logits": SignalSpec(layer=-1, heads="mean",
+                                       note="PRE-softmax CLS->patch logits (q*scale @ k^T) of the LAST CLIP layer, "
+                                               "head mean, every view with its own CLS (official apply_customvit)")},
           knob_ranges={"retention_ratio": "(0, 1]", "temperature": "> 0"})
 def globalcom2(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_logits: Tensor | None = None,
                crop_ids: Tensor | None = None, retention_ratio: float | None = None,

@@ -14,7 +14,11 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.grid import buffer_neighbours
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
+
+#: HiPrune's official Qwen2.5-VL setting
+QWEN_NOTE = ("HiPrune's Qwen2.5-VL code: object layer 16 (1-based) and the last block of a 32-block tower, column sums "
+             "of the head-mean map, 4-patch mean, un-permuted windows")
 
 
 def _layer(value: int, n_layers: int, name: str) -> int:
@@ -27,12 +31,13 @@ def _layer(value: int, n_layers: int, name: str) -> int:
           "Vision-Language Models", venue="arXiv 2025", repo="https://github.com/Danielement321/HiPrune",
           space="vision", stage="pre_llm", kind="prune", signals=("attn_received_layers",),
           optional_signals=("grid",), parity=True, fixture="hiprune",
-          signal_spec={"attn_received_layers": {
-              "layers": [8, -2], "ref_depth": 24,
-              "note": "0-based indices into the vision tower's per-layer attentions: the object layer (HiPrune's "
+          signal_spec={"attn_received_layers": SignalSpec(
+              layers=(8, -2), ref_depth=24, feature_layer=True, families=dict.fromkeys(
+                  ("qwen2_vl", "qwen2_5_vl"), SignalSpec(layers=(15, -1), ref_depth=32, note=QWEN_NOTE)),
+              note="0-based indices into the vision tower's per-layer attentions: the object layer (HiPrune's "
                       "OBJECT_LAYER=9, 1-based, for CLIP ViT-L/14) and LLaVA's select layer (-2); per layer the "
                       "softmax probabilities are averaged over heads, then over every query row including CLS, and "
-                      "the CLS column is dropped"}},
+                      "the CLS column is dropped")},
           knob_ranges={"alpha": "[0, 1]", "neighbours": ("raster", "grid")})
 def hiprune(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_received_layers: Tensor | None = None,
             grid: tuple[int, int] | None = None, alpha: float = 0.1, object_layer: int = 0, deep_layer: int = -1,

@@ -14,20 +14,20 @@ from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.crops import anyres_layout, apportion, topk_per_group
 from ..ops.grid import partition_cells
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
 
 
 @register("hired", paper="HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution "
                          "Vision-Language Models in Resource-Constrained Environments",
           venue="AAAI 2025", repo="https://github.com/hasanar1f/HiRED", space="vision", stage="pre_llm", kind="prune",
           signals=("cls_attn",), optional_signals=("crop_ids", "cls_attn_layers"), parity=True, fixture="hired",
-          signal_spec={"cls_attn": {"layer": 22, "ref_depth": 24, "source": "qk", "heads": "mean",
-                                    "note": "per-head softmax(q k^T * head_dim**-0.5) of CLIP layer 22 (LLaVA-1.5), "
+          signal_spec={"cls_attn": SignalSpec(layer=22, ref_depth=24, heads="mean",
+                                    note="per-head softmax(q k^T * head_dim**-0.5) of CLIP layer 22 (LLaVA-1.5), "
                                             "recomputed from hooked q_proj/k_proj; the official sum over heads "
-                                            "ranks identically"},
-                       "cls_attn_layers": {"layers": [0], "ref_depth": 24, "source": "qk", "heads": "mean",
-                                           "note": "the initial layer (official vit_top_layer = 0): the thumbnail's "
-                                                   "CLS attention there sets the crop budgets (used with crop_ids)"}},
+                                            "ranks identically"),
+                       "cls_attn_layers": SignalSpec(layers=(0,), ref_depth=24, heads="mean",
+                                           note="the initial layer (official vit_top_layer = 0): the thumbnail's "
+                                                   "CLS attention there sets the crop budgets (used with crop_ids)")},
           knob_ranges={"alpha": "[0, 1]"})
 def hired(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
           crop_ids: Tensor | None = None, cls_attn_layers: Tensor | None = None, alpha: float = 0.5) -> Reduction:

@@ -24,7 +24,7 @@ from ..ops.matching import (
 )
 from ..ops.merge import MergeState, merge_attention
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
 from .tome import finish, per_round_caps
 
 POOLINGS = {"size": "mean", "attn": "mean", "max": "amax", "mean": "mean"}
@@ -132,7 +132,7 @@ def _pack_attention(attn: Tensor, rep: Tensor) -> Tensor:
           space="vision", stage="encoder", kind="merge", signals=("attn",),
           optional_signals=("sizes",), parity=True, fixture="mctf",
           encoder_schedule={"layers": "all", "schedule": "constant"},
-          signal_spec={"sizes": {"proportional_attention": True}},
+          signal_spec={"sizes": SignalSpec(proportional_attention=True)},
           signal_shapes={"attn": "B N N | B H N N"},
           knob_ranges={"tau_sim": ">= 0", "tau_info": ">= 0", "tau_size": ">= 0", "pooling": tuple(POOLINGS),
                        "r": ">= 1", "ties": ("index", "official")})

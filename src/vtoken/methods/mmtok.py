@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_indices
 from ..ops.coverage import greedy_max_coverage, softmax_affinity
-from .registry import register
+from .registry import SignalSpec, register
 
 
 def coverage_matrix(tokens: Tensor, text: Tensor, vision_features: Tensor | None = None, *,
@@ -48,8 +48,9 @@ def coverage_matrix(tokens: Tensor, text: Tensor, vision_features: Tensor | None
 @register("mmtok", paper="MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs",
           venue="arXiv 2025", repo="https://github.com/Ironieser/MMTok", stage="pre_llm", kind="prune",
           signals=("text",), optional_signals=("text_mask", "vision_features"), parity=True, fixture="mmtok",
-          signal_spec={"text": {"source": "llm_embed_tokens", "note": "embeddings of the question keywords"},
-                       "vision_features": {"layer": -2, "cls": False, "note": "pre-projector CLIP features"}},
+          signal_spec={"text": SignalSpec(note="the language model's input embeddings of the question keywords"),
+                       "vision_features": SignalSpec(note="pre-projector CLIP features of the layer the projector "
+                                                          "reads (LLaVA: -2), [CLS] excluded")},
           knob_ranges={"alpha": ">= 0", "tv_temp": "> 0", "vv_temp": "> 0"})
 def mmtok(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, text: Tensor | None = None,
           text_mask: Tensor | None = None, vision_features: Tensor | None = None, alpha: float = 0.5,

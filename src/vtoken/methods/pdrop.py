@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_indices, topk_indices
 from ._schedule import resolve_llm_keep, scale_layers
-from .registry import LLMSchedule, register
+from .registry import LLMSchedule, SignalSpec, register
 
 
 def _layers(depth: int, layers: Sequence[int] = (8, 16, 24), ref_depth: int = 32) -> list[int]:
@@ -32,7 +32,7 @@ def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int])
 
 @register("pdrop", paper="PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy "
           "Reduction", venue="CVPR 2025", repo="https://github.com/Cooperx521/PyramidDrop", stage="llm", kind="prune",
-          signals=("llm_attn",), signal_spec={"llm_attn": {"layer": "current"}},
+          signals=("llm_attn",), signal_spec={"llm_attn": SignalSpec(layer="current")},
           schedule=LLMSchedule(_layers, _counts),
           knob_ranges={"ref_depth": ">= 1"})
 def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None) -> Reduction:

@@ -15,15 +15,15 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_merge, topk_indices
 from ..ops.similarity import float32, l2_normalize
 from ..ops.stats import iqr_outlier_fraction
-from .registry import register
+from .registry import SignalSpec, register
 
 #: How a model adapter collects PruMerge's signals the official way (CLIP ViT-L/14-336 in LLaVA-1.5: the hooks sit on
 #: the last layer's q_proj/k_proj, whose input is hidden_states[-2], the features LLaVA uses).
-PRUMERGE_SIGNAL_SPEC: dict[str, dict[str, Any]] = {
-    "cls_attn": {"layer": -1, "source": "qk", "heads": "full",
-                 "note": "softmax((q k^T) * E**-0.5) of the CLS query with the FULL projection width E as one head "
-                         "(ops.attention.cls_attention(q, k, num_heads=1)), CLS column removed"},
-    "keys": {"layer": -1, "heads": "full", "note": "k_proj output of the same layer, full width, CLS row removed"},
+PRUMERGE_SIGNAL_SPEC: dict[str, SignalSpec] = {
+    "cls_attn": SignalSpec(layer=-1, heads="full",
+                 note="softmax((q k^T) * E**-0.5) of the CLS query with the FULL projection width E as one head "
+                         "(ops.attention.cls_attention(q, k, num_heads=1)), CLS column removed"),
+    "keys": SignalSpec(layer=-1, heads="full", note="k_proj output of the same layer, full width, CLS row removed"),
 }
 
 

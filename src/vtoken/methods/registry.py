@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,119 @@ KINDS = ("prune", "merge", "cluster", "pool", "layout")
 
 _REGISTRY: dict[str, MethodInfo] = {}
 Fn = Callable[..., Any]
+
+
+_LAYER_WORDS = ("same", "previous", "current")
+
+
+@dataclass(frozen=True, eq=False)
+class SignalSpec(Mapping[str, Any]):
+    """How a model adapter collects one signal for a method, the way the method's official code does.
+
+    A frozen, typed value: a mistyped field is a ``TypeError`` and a bad value a ``ValueError`` when the method's
+    module is imported. It reads as the mapping of the fields that are set (``spec == {"layer": -2}``).
+
+    Args:
+        layer: the one layer the signal is read from: a vision layer index (negative counts from the end), ``"same"``
+            (the encoder block being reduced), or inside the language model ``"previous"`` (the layer before the
+            pruning one, default) or ``"current"`` (the pruning layer's own projections of its input).
+        layers: several vision layers (indices), or ``"all"``.
+        ref_depth: the tower depth non-negative indices are given for; other depths scale them
+            (``round(l * depth / ref_depth)``).
+        feature_layer: ``-2`` in ``layer``/``layers`` is LLaVA's select layer, the one its projector reads: a family
+            whose projector reads another layer reads that one instead.
+        heads: ``"mean"`` (head-averaged, default) or ``"full"`` (the full projection width as one head).
+        space: ``"clip_joint"``: the signal lives in CLIP's joint image-text space (adapters without a CLIP text tower
+            use the language model's embedding space on both sides).
+        temperature, iters: parameters of a signal computed by power iteration (``llm_attn_rank``).
+        proportional_attention: for ``sizes``: the tower's attention adds ``log(size)`` to its logits (ToMe).
+        without_cls: a [CLS] signal's fallback on a tower without a [CLS] token: ``"received"``, the attention each
+            token receives in the same layer (softmax probabilities averaged over heads and over every query row).
+            ``None``: the method cannot run on such towers.
+        families: per-family overrides, e.g. ``{"qwen2_vl": SignalSpec(layers=(15, -1), ref_depth=32)}``: a family's
+            own official setting (its set fields replace these).
+        note: how the official code computes it (documentation only).
+    """
+
+    layer: int | str | None = None
+    layers: tuple[int, ...] | str | None = None
+    ref_depth: int | None = None
+    feature_layer: bool = False
+    heads: str | None = None
+    space: str | None = None
+    temperature: float | None = None
+    iters: int | None = None
+    proportional_attention: bool = False
+    without_cls: str | None = None
+    families: Mapping[str, SignalSpec] = field(default_factory=dict)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"SignalSpec: {what}")
+
+        if isinstance(self.layer, str) and self.layer not in _LAYER_WORDS:
+            raise bad(f"layer is an int or one of {_LAYER_WORDS}, got {self.layer!r}")
+        if (self.layer is not None and not isinstance(self.layer, (int, str))) or isinstance(self.layer, bool):
+            raise bad(f"layer is an int or one of {_LAYER_WORDS}, got {self.layer!r}")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if (isinstance(self.layers, str) and self.layers != "all") or (isinstance(self.layers, tuple) and not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in self.layers)):
+            raise bad(f"layers is a tuple of int layer indices or 'all', got {self.layers!r}")
+        if self.ref_depth is not None and (isinstance(self.ref_depth, bool) or not isinstance(self.ref_depth, int)
+                                           or self.ref_depth < 1):
+            raise bad(f"ref_depth is an int >= 1, got {self.ref_depth!r}")
+        for name, allowed in (("heads", ("mean", "full")), ("space", ("clip_joint",)),
+                              ("without_cls", ("received",))):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise bad(f"{name} is one of {allowed} or None, got {value!r}")
+        if not all(isinstance(k, str) and isinstance(v, SignalSpec) and not v.families
+                   for k, v in dict(self.families).items()):
+            raise bad("families maps a family name to a SignalSpec without families of its own")
+        object.__setattr__(self, "families", types.MappingProxyType(dict(self.families)))
+
+    @classmethod
+    def of(cls, value: SignalSpec | Mapping[str, Any], where: str) -> SignalSpec:
+        """``value`` as a :class:`SignalSpec`; a mapping's keys must be its fields (errors name ``where``)."""
+        if isinstance(value, SignalSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{where}: a signal spec is a SignalSpec, got {value!r}")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"{where}: unknown signal spec key(s) {unknown}; a SignalSpec has "
+                            f"{sorted(cls.__dataclass_fields__)}")
+        try:
+            return cls(**value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def for_family(self, family: str) -> SignalSpec:
+        """This spec with ``families[family]``'s set fields applied."""
+        own = self.families.get(family)
+        base = dataclasses.replace(self, families={})
+        return dataclasses.replace(base, **dict(own)) if own is not None else base
+
+    # ---- read as the mapping of the fields that are set ----------------------------------------------------------
+    def _set(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != (f.default if f.default is not dataclasses.MISSING else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._set()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._set())
+
+    def __len__(self) -> int:
+        return len(self._set())
+
+    def __repr__(self) -> str:
+        return f"SignalSpec({', '.join(f'{k}={v!r}' for k, v in self._set().items())})"
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 _SCHEDULE_ARGS = {"layers": ("depth",), "counts": ("n", "keep", "images", "depth")}
@@ -153,7 +267,7 @@ class MethodInfo:
     exact: bool = True
     space: str = "llm"
     encoder_schedule: dict[str, Any] = field(default_factory=dict)
-    signal_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
+    signal_spec: dict[str, SignalSpec] = field(default_factory=dict)
     summary: str = ""
     schedule: LLMSchedule | None = None
     knob_types: dict[str, Any] = field(default_factory=dict)
@@ -209,7 +323,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
              signals: tuple[str, ...] = (), optional_signals: tuple[str, ...] = (), parity: bool = False,
              fixture: str | tuple[str, ...] | None = None, needs_keep: bool = True, exact: bool = True,
              space: str = "llm",
-             signal_spec: dict[str, dict[str, Any]] | None = None,
+             signal_spec: Mapping[str, SignalSpec | Mapping[str, Any]] | None = None,
              encoder_schedule: dict[str, Any] | None = None,
              schedule: LLMSchedule | None = None,
              knob_ranges: dict[str, KnobRange] | None = None,
@@ -224,7 +338,8 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     method). ``exact`` is False for adaptive methods whose output count is
     decided by the method, at most the resolved ``keep`` per sample. ``needs_keep`` is False for methods that set
     their own output count (e.g. an exact inverse). ``signal_spec`` tells model adapters how to collect each signal
-    the way the official code does (e.g. ``{"cls_attn": {"layer": -2}}``). Knob defaults are read from the
+    the way the official code does (``{"cls_attn": SignalSpec(layer=-2)}``, :class:`SignalSpec`; a plain mapping is
+    converted, an unknown key fails here). Knob defaults are read from the
     function's signature. ``space`` is where the official code applies the method in a VLM: ``"vision"`` on the
     vision tower's features before the projector (merging there differs from merging after it), ``"llm"`` on the
     projected tokens the language model sees. ``encoder_schedule`` says how an encoder-stage method spreads ``keep``
@@ -255,6 +370,15 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         if not all(alt.split() for alt in dims.split("|")):
             raise ValueError(f"method {name!r}: signal_shapes[{s!r}] must name axes such as 'B T C', got {dims!r}")
     ranges = {k: v if isinstance(v, tuple) else Range.parse(v) for k, v in (knob_ranges or {}).items()}
+    specs = {k: SignalSpec.of(v, f"method {name!r}: signal_spec[{k!r}]") for k, v in (signal_spec or {}).items()}
+    for k, spec in specs.items():
+        if any(s.without_cls for s in (spec, *spec.families.values())) and k not in ("cls_attn", "cls_attn_layers"):
+            raise ValueError(f"method {name!r}: signal_spec[{k!r}].without_cls: only cls_attn and cls_attn_layers "
+                             "have a fallback ('received') on towers without a [CLS] token")
+    stray = sorted(set(specs) - {*signals, *optional_signals})
+    if stray:
+        raise ValueError(f"method {name!r}: signal_spec names {stray}, not among its signals "
+                         f"{[*signals, *optional_signals]}")
 
     def deco(fn: Fn) -> Fn:
         if fixture is not None and not isinstance(fixture, (str, tuple)):
@@ -293,7 +417,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
             signals=tuple(signals), optional_signals=tuple(optional_signals), defaults=defaults, parity=parity,
-            fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=dict(signal_spec or {}),
+            fixture=fixture, needs_keep=needs_keep, exact=exact, space=space, signal_spec=specs,
             encoder_schedule=dict(encoder_schedule or {}),
             summary=doc.split("\n\n")[0].replace("\n", " "), schedule=schedule,
             knob_types=types, knob_ranges=ranges, knob_rules=tuple(knob_rules),

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..core import Reduction, reduction_from_merge
 from ..ops.matching import repeated_bipartite_merge
 from ..ops.merge import MergeState
-from .registry import register
+from .registry import SignalSpec, register
 
 
 def per_round_caps(r: int | Sequence[int] | None, name: str = "r") -> int | list[int] | None:
@@ -47,7 +47,7 @@ def finish(state: MergeState, tokens: Tensor, extras: dict) -> Reduction:
           repo="https://github.com/facebookresearch/ToMe", space="vision", stage="encoder", kind="merge",
           optional_signals=("keys", "sizes"), parity=True, fixture="tome",
           encoder_schedule={"layers": "all", "schedule": "constant"},
-          signal_spec={"sizes": {"proportional_attention": True}},
+          signal_spec={"sizes": SignalSpec(proportional_attention=True)},
           knob_ranges={"r": ">= 1"},
           knob_rules=[("distill_token=True needs class_token=True (DeiT layout [CLS, DIST, patches])",
                        lambda distill_token, class_token: class_token or not distill_token)])

@@ -11,10 +11,16 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_merge, topk_indices
 from ..ops.similarity import float32, l2_normalize
-from .registry import register
+from .registry import SignalSpec, register
 
 #: The paper's split: 64 tokens = 54 dominant + 10 contextual (also 108 + 20 for 128, 162 + 30 for 192).
 PAPER_CONTEXTUAL_RATIO = 10 / 64
+#: the source of ``cls_attn``'s fallback on towers without a [CLS] token (SigLIP, Qwen2-VL's tower)
+WITHOUT_CLS = ("Without a [CLS] token (SigLIP, Qwen2-VL) the dominant tokens are ranked by the attention each token "
+               "receives from all queries: VisionZip's Qwen2.5-VL support (VisPruner's authors, "
+               "Theia-4869/VisPruner#1; the maintainers on recomputing the tower's attention, "
+               "JIA-Lab-research/VisionZip#24, #25; "
+               "ModelTC/LightCompress's Qwen2.5-VL port: last block, heads averaged, summed over queries).")
 
 
 def _contextual_counts(counts: Tensor, contextual: int | float) -> Tensor:
@@ -42,11 +48,12 @@ def _first_argmax(x: Tensor) -> Tensor:
           venue="CVPR 2025", repo="https://github.com/dvlab-research/VisionZip",
           space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), parity=True, fixture="visionzip",
-          signal_spec={"cls_attn": {"layer": -2, "source": "attn", "heads": "mean",
-                                    "note": "CLS row of the layer's attention probabilities (official: head sum, "
-                                            "same ranking)"},
-                       "keys": {"layer": -2, "heads": "mean", "note": "key states of the same layer averaged over "
-                                                                      "heads, before the attention scale"}},
+          signal_spec={"cls_attn": SignalSpec(layer=-2, heads="mean", feature_layer=True, without_cls="received",
+                                               note="CLS row of the layer's attention probabilities (official: head "
+                                                    "sum, same ranking). " + WITHOUT_CLS),
+                       "keys": SignalSpec(layer=-2, heads="mean", feature_layer=True,
+                                          note="key states of the same layer averaged over heads, before the "
+                                               "attention scale")},
           knob_ranges={"contextual": ">= 0"},
           knob_rules=[("contextual is an int count >= 0 or a float ratio of keep in [0, 1]",
                        lambda contextual: isinstance(contextual, int) or contextual <= 1.0)])

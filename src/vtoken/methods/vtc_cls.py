@@ -10,16 +10,16 @@ from torch import Tensor
 
 from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.similarity import float32
-from .registry import register
+from .registry import SignalSpec, register
 
 
 @register("vtc_cls", paper="[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs",
           venue="arXiv 2024 (2412.05819)", repo="https://github.com/THU-MIG/VTC-CLS",
           space="vision", stage="pre_llm", kind="prune",
           signals=("cls_attn_layers",), parity=True, fixture="vtc_cls",
-          signal_spec={"cls_attn_layers": {"layers": "all", "source": "attn", "heads": "mean",
-                                           "note": "every vision layer, shallow to deep; the method slices "
-                                                   "[start_layer:end_layer]"}})
+          signal_spec={"cls_attn_layers": SignalSpec(layers="all", heads="mean",
+                                                      note="every vision layer, shallow to deep; the method "
+                                                           "slices [start_layer:end_layer]")})
 def vtc_cls(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn_layers: Tensor | None = None,
             start_layer: int | None = None, end_layer: int | None = -1) -> Reduction:
     """Keep the ``counts[b]`` patches with the highest [CLS] attention summed over a range of vision layers.

@@ -12,6 +12,7 @@ language model's decoder layers (:mod:`vtoken.models.llm`), after the pre-LLM st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,16 +20,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import Reduction, reduction_from_indices
-from ..methods import MethodInfo
+from ..core import Reduction, reduction_from_indices, signals_where
+from ..methods import MethodInfo, SignalSpec
 from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
 from .hf import cache_of, cached_length, padding_mask
 from .llm import LLM_SIGNALS, DecoderPruner
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
 
-#: signals that only a [CLS] query row gives (towers without one provide a documented substitute or nothing)
-CLS_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn_logits", "cls_q"})
+#: signals that only a [CLS] query row gives (a view of the catalogue; towers without one run the method's declared
+#: fallback, ``SignalSpec.without_cls``, or cannot run it)
+CLS_SIGNALS = signals_where(cls=True)
 
 
 @dataclass
@@ -155,6 +157,11 @@ class Adapter:
     provides: ClassVar[frozenset[str]] = frozenset()
     #: apply() options the family itself takes (not method knobs)
     options: ClassVar[tuple[str, ...]] = ()
+    #: whether the vision tower has a [CLS] token; without one a [CLS] signal (``Signal.cls``) is the method's declared
+    #: fallback (``SignalSpec.without_cls``, computed by :meth:`received_attention`) or the method cannot run
+    has_cls: ClassVar[bool] = True
+    #: the vision layer a ``SignalSpec(feature_layer=True)`` reads for LLaVA's select layer ``-2`` (``None``: -2)
+    select_layer: int | None = None
 
     def __init__(self, model: nn.Module, steps: list[Step]) -> None:
         self.model = model
@@ -176,6 +183,12 @@ class Adapter:
         """Why this family cannot run ``info`` (``None`` when it can)."""
         if info.stage not in cls.stages:
             return f"stage {info.stage!r} is not supported on {cls.family} (supported: {', '.join(cls.stages)})"
+        if not cls.has_cls:
+            need = [s for s in info.signals if s in CLS_SIGNALS and cls.cls_fallback(info, s) is None]
+            if need:
+                return (f"{info.name!r} ranks tokens by [CLS] attention ({', '.join(need)}); the {cls.family} vision "
+                        f"tower has no CLS token and {info.name!r} declares no substitute for it (its paper and "
+                        "official code define none)")
         provided = LLM_SIGNALS if info.stage == "llm" else cls.provides
         missing = [s for s in info.signals if s not in provided]
         if missing:
@@ -240,8 +253,40 @@ class Adapter:
         layers: set[int] = set()
         for step in self.steps:
             for name in (*step.info.signals, *step.info.optional_signals):
-                layers.update(self.signal_layers(step.info, name))
+                if self.has_cls or name not in CLS_SIGNALS:
+                    layers.update(self.signal_layers(step.info, name))
+                elif self.cls_fallback(step.info, name) == "received":
+                    layers.update(self.spec_layers(step.info, name))
         return sorted(layers)
+
+    # ---- signal specs -----------------------------------------------------------------------------------------
+    @classmethod
+    def cls_fallback(cls, info: MethodInfo, name: str) -> str | None:
+        """The method's fallback for [CLS] signal ``name`` on this family (``SignalSpec.without_cls``)."""
+        spec = info.signal_spec.get(name)
+        return spec.for_family(cls.family).without_cls if spec is not None else None
+
+    def signal_spec(self, info: MethodInfo, name: str) -> SignalSpec:
+        """How ``info`` wants ``name`` collected on this family: its :class:`SignalSpec` with the family's override
+        applied, and LLaVA's select layer ``-2`` read as :attr:`select_layer` where the spec says so."""
+        spec = info.signal_spec.get(name, SignalSpec()).for_family(self.family)
+        if spec.feature_layer and self.select_layer is not None:
+            def read(v: Any) -> Any:
+                return self.select_layer if v == -2 else v
+
+            layers = tuple(read(v) for v in spec.layers) if isinstance(spec.layers, tuple) else spec.layers
+            spec = dataclasses.replace(spec, layer=read(spec.layer), layers=layers)
+        return spec
+
+    def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
+        """Vision layers of signal ``name`` for ``info`` (families with attention signals implement it)."""
+        raise NotImplementedError
+
+    def received_attention(self, layers: list[int], images: Images) -> Tensor:
+        """``[I, L, N]`` the attention each visual token receives in each of ``layers`` (softmax probabilities
+        averaged over heads and over every query row): ``attn_received_layers``, and the fallback for a [CLS]
+        signal on towers without one (``SignalSpec(without_cls="received")``). Families without [CLS] implement it."""
+        raise NotImplementedError
 
     def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
         return []
@@ -472,8 +517,18 @@ class Adapter:
                 raise ValueError(f"{self.family} could not provide the signal {name!r} that {info.name!r} needs")
         return out
 
+    def without_cls(self, name: str, info: MethodInfo, images: Images) -> Any:
+        """A [CLS] signal on a tower without [CLS]: the method's declared fallback (``SignalSpec.without_cls``), or
+        ``None``. Every family's :meth:`signal` answers [CLS] signals through here first."""
+        if self.cls_fallback(info, name) != "received":
+            return None
+        value = self.received_attention(self.spec_layers(info, name), images)
+        return value[:, 0] if name == "cls_attn" else value
+
     def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
         """One signal for the images (families override to add or substitute signals)."""
+        if not self.has_cls and name in CLS_SIGNALS:
+            return self.without_cls(name, info, images)
         if name == "grid":
             return images.grid
         if name == "text":
@@ -521,20 +576,20 @@ class ClsTowerAdapter(Adapter):
     def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
         """Vision layers for a signal from the method's ``signal_spec``. Non-negative indices given for a tower of
         ``ref_depth`` layers (e.g. HiRED's layer 22 of CLIP ViT-L's 24) scale to this tower's depth."""
-        spec = info.signal_spec.get(name, {})
+        spec = self.signal_spec(info, name)
         n = len(self.qk_layers())
-        ref = int(spec.get("ref_depth", n))
+        ref = spec.ref_depth or n
 
         def scale(layer: Any) -> int:
             layer = int(layer)
             return layer if layer < 0 or ref == n else min(n - 1, round(layer * n / ref))
 
         if name in ("cls_attn_layers",):
-            layers = spec.get("layers", "all")
+            layers = spec.layers or "all"
             return list(range(n)) if layers == "all" else [scale(v) for v in layers]
         if name == "attn_received_layers":
-            return [scale(v) for v in spec.get("layers", [n // 3, self.default_layer])]
-        layer = spec.get("layer", self.default_layer)
+            return [scale(v) for v in spec.layers or [n // 3, self.default_layer]]
+        layer = self.default_layer if spec.layer is None else spec.layer
         return [self.default_layer if layer == "same" else scale(layer)]
 
     def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
@@ -543,12 +598,14 @@ class ClsTowerAdapter(Adapter):
         return []
 
     def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
+        if not self.has_cls and name in CLS_SIGNALS:
+            return self.without_cls(name, info, images)
         cap = self.capture
         assert cap is not None
-        spec = info.signal_spec.get(name, {})
+        spec = self.signal_spec(info, name)
         if name in ("cls_attn", "attn_logits"):
             q, k, layer = cap.qk(self.spec_layers(info, name)[0])
-            probs, logits = cls_rows(q, k, layer, full_width=spec.get("heads") == "full")
+            probs, logits = cls_rows(q, k, layer, full_width=spec.heads == "full")
             return probs if name == "cls_attn" else logits
         if name == "cls_attn_layers":
             return torch.stack([cls_rows(*cap.qk(i))[0] for i in self.spec_layers(info, name)], dim=1)
@@ -560,9 +617,9 @@ class ClsTowerAdapter(Adapter):
                                dim=1)
         if name == "keys":
             q, k, layer = cap.qk(self.spec_layers(info, name)[0])
-            return mean_keys(k, layer)[:, 1:]
+            return (k.float() if spec.heads == "full" else mean_keys(k, layer))[:, 1:]
         if name == "vision_features":
-            if spec.get("space") == "clip_joint":
+            if spec.space == "clip_joint":
                 # no CLIP text tower in a VLM: relevance to the prompt is measured in the LLM embedding space, so the
                 # visual side is the projected tokens (the text side is the prompt's token embeddings)
                 return images.project_cached(images.tokens) if images.space == "vision" else images.tokens

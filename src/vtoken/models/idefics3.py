@@ -26,13 +26,13 @@ and falls back to its ``"distinct"`` score.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..methods import MethodInfo
-from .base import CLS_SIGNALS, Images
+from .base import Images
 from .capture import QKLayer, attention_maps, mean_keys
 from .llava import clip_qk_layers
 from .views import MultiViewAdapter, block_mean, group_views, placeholder_views
@@ -45,18 +45,8 @@ class Idefics3Adapter(MultiViewAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     provides = frozenset({"cls_attn", "attn", "attn_received_layers", "keys", "vision_features", "text", "text_mask",
                           "grid", "positions", "sizes"})
-    #: methods whose CLS signal is replaced by the mean attention received (see the module docstring)
-    cls_substitutes: ClassVar[frozenset[str]] = frozenset({"visionzip"})
+    has_cls = False  # SigLIP
     default_layer = -1  # the connector reads the last layer (after post_layernorm)
-
-    @classmethod
-    def unsupported(cls, info: MethodInfo) -> str | None:
-        needs = [s for s in info.signals if s in CLS_SIGNALS]
-        if needs and info.name not in cls.cls_substitutes:
-            return (f"{info.name!r} ranks tokens by [CLS] attention ({', '.join(needs)}); the SigLIP tower of "
-                    f"{cls.family}/smolvlm has no CLS token and neither the paper nor the official code documents a "
-                    "substitute")
-        return super().unsupported(info)
 
     @property
     def inner(self) -> Any:
@@ -117,20 +107,22 @@ class Idefics3Adapter(MultiViewAdapter):
         kw = {k: v for k, v in kw.items() if k != "pixel_attention_mask"}
         return super().splice(kw, input_ids, embeds, keep)
 
+    def received_attention(self, layers: list[int], images: Images) -> Tensor:
+        side, s = images.extra["side"], int(self.inner.connector.scale_factor)
+        patch_mask = images.extra["patch_mask"]
+        key_mask = None if bool(patch_mask.all()) else patch_mask
+        assert self.capture is not None
+        rec = [attention_maps(*self.capture.qk(i), key_mask=key_mask) for i in layers]
+        return block_mean(torch.stack(rec, dim=1), side, s, 2)
+
     def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
         side, s = images.extra["side"], int(self.inner.connector.scale_factor)
         patch_mask = images.extra["patch_mask"]
         key_mask = None if bool(patch_mask.all()) else patch_mask
         cap = self.capture
         assert cap is not None
-        if name in CLS_SIGNALS:
-            if name != "cls_attn" or info.name not in self.cls_substitutes:
-                return None
-            rec = attention_maps(*cap.qk(self.spec_layers(info, name)[0]), key_mask=key_mask)
-            return block_mean(rec, side, s, 1)
         if name == "attn_received_layers":
-            rec = [attention_maps(*cap.qk(i), key_mask=key_mask) for i in self.spec_layers(info, name)]
-            return block_mean(torch.stack(rec, dim=1), side, s, 2)
+            return self.received_attention(self.spec_layers(info, name), images)
         if name == "attn":
             att = attention_maps(*cap.qk(self.spec_layers(info, name)[0]), key_mask=key_mask, reduce="full")
             return block_mean(block_mean(att, side, s, 1), side, s, 2)

@@ -11,8 +11,8 @@ The rules shared with the other pixel-shuffle, multi-view family (Idefics3 / Smo
   column handled as for LLaVA) and every per-patch value (``cls_attn``, ``cls_attn_layers``, ``attn_logits``,
   ``attn_received_layers``, ``keys``) is averaged over the ``s x s`` block of patches a shuffled token holds
   (:func:`~vtoken.models.views.block_mean`); ``attn`` is averaged over both the query and the key blocks. Signal
-  layers follow each method's ``signal_spec``, except that VisionZip's and HiPrune's ``-2`` (LLaVA's select layer)
-  becomes the family's feature layer (the last one by default for both families).
+  layers follow each method's ``signal_spec``; in a spec marked ``feature_layer`` the ``-2`` (LLaVA's select layer)
+  is the family's feature layer (the last one by default for both families).
 * **Views.** An image is a run of views (InternVL: its tiles then the thumbnail; Idefics3: its tiles then the global
   view), each encoded separately by the tower. Methods run per view (each view has its own grid and CLS signals);
   ``keep`` stays per image and is split over the image's ``V`` views (:func:`~vtoken.models.views.split_even`): a
@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..core import CATALOGUE, signals_where
 from ..methods import MethodInfo
 from .base import Images
 from .capture import QKLayer, attention_maps
@@ -51,9 +52,10 @@ class InternVLAdapter(MultiViewAdapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
 
-    #: signals computed per patch and averaged over each shuffled block, with the token dim
-    BLOCK_SIGNALS: ClassVar[dict[str, int]] = {"cls_attn": 1, "attn_logits": 1, "cls_attn_layers": 2,
-                                               "attn_received_layers": 2, "keys": 1}
+    #: signals computed per patch and averaged over each shuffled block, with the token dim (the catalogue's
+    #: attention signals with one token axis; ``attn`` is averaged on both)
+    BLOCK_SIGNALS: ClassVar[dict[str, int]] = {name: CATALOGUE[name].token_axis for name in
+                                               signals_where(attention=True) if CATALOGUE[name].token_axis}
 
     @property
     def inner(self) -> Any:

@@ -54,7 +54,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from ..api import reduce, run_method
-from ..core import Reduction, gather_rows, resolve_keep
+from ..core import Reduction, gather_rows, resolve_keep, signals_where
 from ..methods import MethodInfo
 from ..ops.crops import apportion
 from .base import ClsTowerAdapter, Images
@@ -62,8 +62,8 @@ from .llava import LlavaAdapter
 from .pipeline import TOKEN_DIM, Step, run_steps
 from .views import fold_rows
 
-#: per-view tower signals that this adapter lays out per image
-VIEW_SIGNALS = ("cls_attn", "attn_logits", "keys", "cls_attn_layers", "attn_received_layers", "attn")
+#: per-view tower signals that this adapter lays out per image (the catalogue's attention signals)
+VIEW_SIGNALS = signals_where(attention=True)
 
 
 def crop_aware(info: MethodInfo) -> bool:
@@ -177,7 +177,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if name in VIEW_SIGNALS:
             return self._layout(super().signal(name, info, images, kw), name, images)
         if name == "vision_features":
-            clip_joint = info.signal_spec.get(name, {}).get("space") == "clip_joint"
+            clip_joint = self.signal_spec(info, name).space == "clip_joint"
             return images.extra["llm"] if clip_joint else images.tokens
         return super().signal(name, info, images, kw)
 

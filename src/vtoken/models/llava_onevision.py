@@ -65,13 +65,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from ..core import Reduction, resolve_keep
 from ..methods import MethodInfo
-from .base import CLS_SIGNALS, Adapter, ClsTowerAdapter, Images
+from .base import Adapter, ClsTowerAdapter, Images
 from .capture import QKLayer, attention_maps, mean_keys
 from .llava import clip_qk_layers
 from .views import fold_views, reduce_views, split_proportional
-
-#: methods whose ``cls_attn`` is replaced by the attention each token receives (see the module docstring)
-CLS_SUBSTITUTE = frozenset({"visionzip"})
 
 
 def dominant_taps(n_in: int, n_out: int) -> Tensor:
@@ -120,14 +117,7 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     provides = frozenset({"cls_attn", "attn", "attn_received_layers", "keys", "vision_features", "text",
                           "text_mask", "grid", "positions", "sizes", "crop_ids"})
-
-    @classmethod
-    def unsupported(cls, info: MethodInfo) -> str | None:
-        need = sorted(CLS_SIGNALS & set(info.signals))
-        if need and info.name not in CLS_SUBSTITUTE and info.stage in cls.stages:
-            return (f"{info.name!r} ranks tokens by the vision tower's [CLS] query ({', '.join(need)}); the SigLIP "
-                    "tower of LLaVA-OneVision has no CLS token and the method's official code documents no substitute")
-        return super().unsupported(info)
+    has_cls = False  # SigLIP
 
     # ---- model parts ------------------------------------------------------------------------------------------
     @property
@@ -148,11 +138,6 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         layer = self.model.config.vision_feature_layer
         layer = layer if isinstance(layer, int) else layer[-1]
         return (layer % (len(self.tower_layers()) + 1)) - 1  # hidden_states[l] is the output of layer l - 1
-
-    def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
-        if name in CLS_SIGNALS and not (name == "cls_attn" and info.name in CLS_SUBSTITUTE):
-            return []
-        return super().signal_layers(info, name)
 
     def image_token_mask(self, input_ids: Tensor) -> Tensor:
         return input_ids == self.model.config.image_token_id
@@ -248,23 +233,23 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
                       space="vision", mask=None if bool(valid.all()) else valid, extra=extra)
 
     # ---- signals ----------------------------------------------------------------------------------------------
+    def received_attention(self, layers: list[int], images: Images) -> Tensor:
+        assert self.capture is not None
+        return torch.stack([attention_maps(*self.capture.qk(i)) for i in layers], dim=1)  # mean over heads, queries
+
     def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
         cap = self.capture
         assert cap is not None
-        if name in CLS_SIGNALS:
-            if name != "cls_attn" or info.name not in CLS_SUBSTITUTE:
-                return None
-            return attention_maps(*cap.qk(self.spec_layers(info, name)[0]))  # received, mean over heads and queries
         if name == "attn_received_layers":
-            return torch.stack([attention_maps(*cap.qk(i)) for i in self.spec_layers(info, name)], dim=1)
+            return self.received_attention(self.spec_layers(info, name), images)
         if name == "attn":
             return attention_maps(*cap.qk(self.spec_layers(info, name)[0]), reduce="full")
         if name == "keys":
             _, k, layer = cap.qk(self.spec_layers(info, name)[0])
             return mean_keys(k, layer)
         if name == "vision_features":
-            space = info.signal_spec.get(name, {}).get("space")
-            return images.extra["exact"] if space == "clip_joint" else images.tokens
+            clip_joint = self.signal_spec(info, name).space == "clip_joint"
+            return images.extra["exact"] if clip_joint else images.tokens
         if name == "positions":
             return images.columns
         if name == "crop_ids":

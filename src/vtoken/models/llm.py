@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ..api import run_method
-from ..core import Reduction, gather_rows
+from ..core import Reduction, gather_rows, signals_where
+from ..methods import SignalSpec
 from ..ops.attention import attention_pagerank
 from .hf import allows, attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
@@ -49,11 +50,11 @@ from .sequence import compact
 #: signals the decoder machinery computes. In this stage ``text [B, T, D]`` are the input embeddings of the
 #: instruction tokens (the rows of the ``llm_text_*`` signals, marked by ``text_mask``) and ``positions [B, N]`` the
 #: index of each visual token among its sample's real tokens in the sequence the layer runs on.
-LLM_SIGNALS = frozenset({"llm_attn", "llm_text_attn", "llm_keys", "llm_hidden", "llm_text_keys", "llm_text_hidden",
-                         "llm_embeds", "llm_attn_rank", "text", "text_mask", "positions"})
-_NEEDS_QK = frozenset({"llm_attn", "llm_text_attn", "llm_keys", "llm_text_keys", "llm_attn_rank"})
-_TEXT = frozenset({"llm_text_attn", "llm_text_keys", "llm_text_hidden", "text", "text_mask"})
-_EMBEDS = frozenset({"llm_embeds", "text"})
+#: (views of the signal catalogue, :data:`vtoken.core.CATALOGUE`)
+LLM_SIGNALS = signals_where(llm=True)
+_NEEDS_QK = signals_where(llm_qk=True)
+_TEXT = signals_where(llm_text=True)
+_EMBEDS = signals_where(llm_embeds=True)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -190,11 +191,11 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 def source(info: Any) -> str:
     """Which decoder layer's q/k score a method's attention signals: ``"previous"`` (layer ``K - 1``'s attention, as
     it ran; default) or ``"current"`` (layer ``K``'s own projections of its input), from its ``signal_spec``
-    (``{"llm_attn": {"layer": "current"}}``)."""
-    for name in ("llm_attn", "llm_text_attn", "llm_keys", "llm_text_keys", "llm_attn_rank"):
+    (``{"llm_attn": SignalSpec(layer="current")}``)."""
+    for name in sorted(_NEEDS_QK):
         spec = info.signal_spec.get(name)
-        if spec:
-            return str(spec.get("layer", "previous"))
+        if spec is not None and spec.layer is not None:
+            return str(spec.layer)
     return "previous"
 
 
@@ -500,11 +501,11 @@ class DecoderPruner:
                 att = gather_rows(att.transpose(1, 2), order, vmask).transpose(1, 2)
                 out["llm_text_attn"] = att * tmask[..., None].float()
             if "llm_attn_rank" in names:  # every row is a query here: chunked, O(budget) memory
-                spec = info.signal_spec.get("llm_attn_rank", {})
+                spec = info.signal_spec.get("llm_attn_rank", SignalSpec())
                 every = torch.arange(length, device=hidden.device).expand(b, length)
                 rank = attention_pagerank(queries(every) * scale, k, valid,
-                                          temperature=float(spec.get("temperature", 1.0)),
-                                          iters=int(spec.get("iters", 5)), damping=float(spec.get("damping", 0.0)))
+                                          temperature=1.0 if spec.temperature is None else float(spec.temperature),
+                                          iters=5 if spec.iters is None else int(spec.iters))
                 out["llm_attn_rank"] = gather_rows(rank[..., None], order, vmask)[..., 0]
             flat = k.reshape(b, length, -1)
             if "llm_keys" in names:

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from ..api import reduce
-from ..core import SIGNALS, Reduction, gather_rows, resolve_keep
+from ..core import CATALOGUE, SIGNALS, Reduction, gather_rows, resolve_keep
 from ..methods import STAGES, MethodInfo, MethodSpec, get_method
 
-#: signals indexed by token along this dim (gathered when tokens are dropped); others pass through unchanged
-TOKEN_DIM = {"cls_attn": 1, "attn_logits": 1, "keys": 1, "vision_features": 1, "crop_ids": 1, "frame_ids": 1,
-             "positions": 1, "llm_attn": 1, "sizes": 1, "cls_attn_layers": 2, "attn_received_layers": 2}
+#: signals indexed by token along this dim (gathered when tokens are dropped; a view of the catalogue's
+#: ``Signal.token_axis``); others pass through unchanged (``attn``, with two token axes, is gathered on both)
+TOKEN_DIM = {name: sig.token_axis for name, sig in CATALOGUE.items() if sig.token_axis is not None}
 
 
 @dataclass

@@ -25,7 +25,7 @@ What vtoken does here:
     [CLS] row exists), 4-patch mean: HiPrune's official Qwen2.5-VL code (column sums of the head-mean map, 4-patch
     mean, un-permuted windows), with its Qwen setting object layer 16 (1-based) and the last layer of a 32-block
     tower (``[15, -1]``, scaled to other depths). Both are full-attention blocks in the released Qwen2.5-VL.
-  - ``cls_attn`` (only for methods whose Qwen substitute is documented, see :data:`CLS_SUBSTITUTES`): the same
+  - ``cls_attn`` (only for methods that declare a fallback, ``SignalSpec(without_cls="received")``): the same
     received-attention statistic of the last block (the features the merger reads; full attention in Qwen2.5-VL).
   - ``keys``: keys after the vision RoPE (the ones the layer attends with), head mean, 4-patch mean.
 - Methods that need a [CLS] token without a documented Qwen substitute (VTC-CLS, HiRED, PruMerge, PruMerge+,
@@ -50,26 +50,11 @@ from torch import Tensor, nn
 
 from ..core import Reduction
 from ..methods import MethodInfo
-from .base import CLS_SIGNALS, Adapter, Images
+from .base import Adapter, Images
 from .capture import QKCapture, QKLayer
 from .hf import cache_of, cached_length
 from .pipeline import TOKEN_DIM, run_steps
 from .views import stack_reductions
-
-#: methods whose ``cls_attn`` has a documented substitute on Qwen's CLS-less tower, with the source
-CLS_SUBSTITUTES: dict[str, str] = {
-    "visionzip": ("VisionZip's Qwen2.5-VL support ranks dominant tokens by the attention each token receives from all "
-                  "queries, as no [CLS] token exists (VisPruner's authors, Theia-4869/VisPruner#1; the maintainers on "
-                  "recomputing the tower's attention, JIA-Lab-research/VisionZip#24, #25; ModelTC/LightCompress's "
-                  "Qwen2.5-VL port: last block, heads averaged, summed over queries, 4-patch mean, post-RoPE keys)"),
-}
-
-#: Qwen-specific signal specs overriding the methods' LLaVA-referenced ``signal_spec`` (0-based block indices of a
-#: ``ref_depth``-block tower; negative ones count from the end)
-QWEN_SPECS: dict[str, dict[str, dict[str, Any]]] = {
-    "visionzip": {"cls_attn": {"layer": -1}, "keys": {"layer": -1}},
-    "hiprune": {"attn_received_layers": {"layers": [15, -1], "ref_depth": 32}},
-}
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -155,23 +140,16 @@ class Qwen2VLAdapter(Adapter):
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
     provides = frozenset({"cls_attn", "attn_received_layers", "keys", "vision_features", "text", "text_mask", "grid",
                           "positions"})
-    #: the block whose output the merger reads (the last)
+    #: the block whose output the merger reads (the last); also where a spec's ``feature_layer`` -2 reads
     default_layer: ClassVar[int] = -1
+    select_layer = -1
+    has_cls = False
 
     def __init__(self, model: nn.Module, steps: list[Any]) -> None:
         super().__init__(model, steps)
         self._rope: Tensor | None = None  # original position ids of the current prefill ([3 or 4, B, L])
 
     # ---- capability -------------------------------------------------------------------------------------------
-    @classmethod
-    def unsupported(cls, info: MethodInfo) -> str | None:
-        needs_cls = sorted(CLS_SIGNALS & set(info.signals))
-        if needs_cls and info.name not in CLS_SUBSTITUTES and info.stage in cls.stages:
-            return (f"{info.name!r} scores tokens by [CLS] attention ({', '.join(needs_cls)}); the {cls.family} vision "
-                    "tower has no [CLS] token and neither the paper nor the official code of "
-                    f"{info.name!r} defines a substitute for it")
-        return super().unsupported(info)
-
     # ---- model parts ------------------------------------------------------------------------------------------
     @property
     def inner(self) -> Any:
@@ -195,14 +173,11 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     # ---- signal specs -----------------------------------------------------------------------------------------
-    def spec(self, info: MethodInfo, name: str) -> dict[str, Any]:
-        return {**info.signal_spec.get(name, {}), **QWEN_SPECS.get(info.name, {}).get(name, {})}
-
     def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
         """Vision blocks (non-negative) of a signal: the Qwen spec, else the method's, else the last block."""
-        spec = self.spec(info, name)
+        spec = self.signal_spec(info, name)
         n = len(self.visual.blocks)
-        ref = int(spec.get("ref_depth", n))
+        ref = spec.ref_depth or n
 
         def scale(layer: Any) -> int:
             layer = self.default_layer if layer == "same" else int(layer)
@@ -214,12 +189,10 @@ class Qwen2VLAdapter(Adapter):
             return layer % n
 
         if name == "attn_received_layers":
-            return [scale(v) for v in spec.get("layers", [n // 2, self.default_layer])]
-        return [scale(spec.get("layer", self.default_layer))]
+            return [scale(v) for v in spec.layers or [n // 2, self.default_layer]]
+        return [scale(self.default_layer if spec.layer is None else spec.layer)]
 
     def signal_layers(self, info: MethodInfo, name: str) -> list[int]:
-        if name == "cls_attn" and info.name not in CLS_SUBSTITUTES:
-            return []
         if name in ("cls_attn", "attn_received_layers", "keys"):
             return self.spec_layers(info, name)
         return []
@@ -339,19 +312,18 @@ class Qwen2VLAdapter(Adapter):
             cache[layer] = self.pool(per_patch, images)
         return cache[layer]
 
+    def received_attention(self, layers: list[int], images: Images) -> Tensor:
+        return torch.stack([self.received(i, images) for i in layers], dim=1)
+
     def signal(self, name: str, info: MethodInfo, images: Images, kw: dict[str, Any]) -> Any:
-        if name == "cls_attn":
-            if info.name not in CLS_SUBSTITUTES:
-                return None
-            return self.received(self.spec_layers(info, name)[0], images)
         if name == "attn_received_layers":
-            return torch.stack([self.received(i, images) for i in self.spec_layers(info, name)], dim=1)
+            return self.received_attention(self.spec_layers(info, name), images)
         if name == "keys":
             _, k, _, _ = self.rotated(self.spec_layers(info, name)[0])
-            k = k.reshape(k.shape[0], -1) if self.spec(info, name).get("heads") == "full" else k.mean(1)
+            k = k.reshape(k.shape[0], -1) if self.signal_spec(info, name).heads == "full" else k.mean(1)
             return self.pool(k, images)
         if name == "vision_features":
-            if self.spec(info, name).get("space") == "clip_joint":
+            if self.signal_spec(info, name).space == "clip_joint":
                 return images.tokens  # relevance to the prompt is measured in the LLM embedding space
             return images.extra["vision_features"]
         if name == "positions":

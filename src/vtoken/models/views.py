@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from ..core import Reduction, gather_rows, reduction_from_indices
-from ..methods import MethodInfo
 from .base import ClsTowerAdapter, Images
 from .pipeline import Step, run_steps, slot_map
 
@@ -282,23 +281,16 @@ def placeholder_views(mask: Tensor, n: int, family: str) -> tuple[Tensor, Tensor
 # the adapter base of the pixel-shuffle, multi-view families
 # ---------------------------------------------------------------------------------------------------------------
 
-#: methods whose ``signal_spec`` names LLaVA's feature (select) layer as ``-2``; read as the family's feature layer
-SELECT_LAYER_METHODS = frozenset({"visionzip", "hiprune"})
-
-
 class MultiViewAdapter(ClsTowerAdapter):
     """Families whose images may have several views (tiles), each encoded by the tower on its own (``encode`` returns
     :func:`group_views`' images): signals are computed per view, methods run per view with the per-image ``keep``
     split evenly over the views (:func:`split_even`), and the result is folded back to one row per image
     (:func:`fold_views`)."""
 
-    def spec_layers(self, info: MethodInfo, name: str) -> list[int]:
-        """As :meth:`ClsTowerAdapter.spec_layers`; VisionZip's and HiPrune's ``-2`` (LLaVA's select layer, whose output
-        the projector reads) is this family's feature layer (:attr:`default_layer`), as their Qwen2.5-VL ports do."""
-        layers = super().spec_layers(info, name)
-        if info.name in SELECT_LAYER_METHODS:
-            layers = [self.default_layer if layer == -2 else layer for layer in layers]
-        return layers
+    @property
+    def select_layer(self) -> int:  # type: ignore[override]
+        """LLaVA's select layer ``-2`` in a spec marked ``feature_layer`` is the layer this family's projector reads."""
+        return self.default_layer
 
     def collect_signals(self, images: Images, kw: dict[str, Any]) -> dict[str, Any]:
         return super().collect_signals(images.extra.get("views", images), kw)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..api import reduce
 from ..core import Reduction, resolve_keep
-from ..methods import MethodInfo
+from ..methods import MethodInfo, SignalSpec
 from .base import Adapter, Handle
 from .capture import QKCapture, QKLayer, full_attention, mean_keys
 from .pipeline import Step, follow
@@ -183,7 +183,7 @@ class VitAdapter(Adapter):
         return forward
 
     def _attention_bias(self) -> Tensor | None:
-        if self._sizes is None or not self.step.info.signal_spec.get("sizes", {}).get("proportional_attention"):
+        if self._sizes is None or not self.step.info.signal_spec.get("sizes", SignalSpec()).proportional_attention:
             return None
         return self._sizes.log()[:, None, None, :]
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..methods import MethodInfo
+from .methods import MethodInfo
 
 
 def grid_for(n: int) -> tuple[int, int]:
@@ -88,8 +88,9 @@ def make_signals(info: MethodInfo, tokens: Tensor, *, grid: tuple[int, int] | No
     names = list(info.signals) + (list(info.optional_signals) if optional else [])
     out = {name: make_signal(name, tokens, grid=grid, seed=seed) for name in names}
     spec = info.signal_spec
-    text_space = spec.get("text", {}).get("space")
-    if "text" in out and text_space is not None and text_space == spec.get("vision_features", {}).get("space"):
+    text_space = spec["text"].space if "text" in spec else None
+    if "text" in out and text_space is not None and text_space == (spec["vision_features"].space
+                                                                   if "vision_features" in spec else None):
         # the method compares text with vision_features (e.g. CLIP's joint space): make the text in that space
         feats = out.get("vision_features", make_signal("vision_features", tokens, seed=seed))
         out["text"] = make_signal("text", feats, seed=seed)

@@ -15,14 +15,14 @@ Everything saves with ``save_pretrained`` and loads with ``AutoModelForImageText
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .fashion import vocabulary
+from ..bench.common import default_model_path
+from ..bench.fashion import vocabulary
 
 IMAGE_SIZE = 84
 PATCH = 7
@@ -45,16 +45,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 """llava-1.5's conversation format: ``USER: <image>\\n{question} ASSISTANT:`` (answers end with ``</s>``)."""
-
-
-def default_model_path() -> Path:
-    """Directory of the shipped, trained micro LLaVA (``vtoken/assets/micro_llava``)."""
-    return Path(str(resources.files("vtoken") / "assets" / "micro_llava"))
-
-
-def default_vit_path() -> Path:
-    """Directory of the shipped, trained micro ViT classifier (``vtoken/assets/micro_vit``)."""
-    return Path(str(resources.files("vtoken") / "assets" / "micro_vit"))
 
 
 def vocab() -> dict[str, int]:
@@ -125,7 +115,7 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
 
 def rendered_prompt(question: str) -> str:
     """The text the micro LLaVA's chat template renders for one user turn asking ``question`` (image first); the
-    bench builds its prompts with the template itself (:func:`vtoken.bench.run.chat_prompt`)."""
+    bench builds its prompts with the template itself (:func:`vtoken.bench.vqa.chat_prompt`)."""
     return f"USER: <image>\n{question} ASSISTANT:"
 
 

@@ -1,30 +1,23 @@
 """Reproducible trainer for the micro LLaVA on Fashion collage VQA (the bench's default model).
 
-Training from scratch end to end stalls (the language model cannot ground position words while the tower is still
-learning to see), so the recipe has two stages, as LLaVA's alignment-then-tuning does:
+Two stages, as LLaVA's alignment-then-tuning (why two, and what each choice measured: ``docs/notes.md``):
 
-1. **Tower** (``tower_steps``): the CLIP vision tower learns to see the collages with dense, cheap supervision,
-   every patch token predicts its cell's content (empty or one of 10 classes) and its cell row and column, the CLS
-   token predicts which classes are present (multi-label). The heads are discarded afterwards; what stays is a tower
-   whose patch tokens carry "what" and "where" linearly. The tower overfits the 60k training items (96% of
-   training patches against 86.5% of test cells right), but ``tower_augment`` (each cell's picture flipped and
-   shifted on its own, :func:`augment_collages`) did not help within this budget: 76.1% of test cells at step 1600
-   of 4000, against 83.2% at step 1600 of 3000 without it; off by default.
-   At the end of the stage, :func:`tower_readout` answers the test questions from what the heads read in each
-   cell: the reference for what the features hold (``test_*`` entries of the last tower history entry).
-2. **Language model** (``lm_steps``): the tower is frozen (its features are computed once and cached, float16),
-   the projector and the Llama language model learn to answer. Each training sequence is one collage followed by
-   ``turns`` question/answer turns in the llava-1.5 conversation format, so one pass over the 144 image tokens
-   supervises several answers; the first turn is exactly the single-turn prompt used at test time. With
-   ``describe`` a last turn asks :data:`~vtoken.bench.fashion.DESCRIBE` and is answered with every cell in
-   reading order (``top left bag top center nothing ...``): position words directly followed by what is there,
-   which grounds position words far faster than the what/where questions alone (a training-only request; the
-   test set has only the four question types). The default, ``describe="shuffled"``, lists the cells in a fresh
-   random order per sequence, with the position words given rather than labelled: a fixed order can be followed by
-   counting, so it does not teach a model to look a position word up. Measured on the same tower (greedy, 1000 test
-   questions, what/count/presence/where/overall): reading order 66.0/87.6/86.8/63.2/75.9, shuffled with labelled
-   position words 69.0 overall on the first 400 at step 2750 of 3000 (presence stuck at chance), shuffled as here
-   64.8/88.0/79.2/76.4/77.1.
+1. **Tower** (``tower_steps``, :func:`_train_tower`): the CLIP vision tower learns to see the collages with dense,
+   cheap supervision (:class:`TowerHeads`): every patch token predicts its cell's content (empty or one of 10
+   classes) and its cell row and column, the CLS token predicts which classes are present (multi-label). The heads
+   are discarded afterwards; what stays is a tower whose patch tokens carry "what" and "where" linearly.
+   ``tower_augment`` flips and shifts each cell's picture on its own (:func:`augment_collages`); off by default.
+   Every 200 steps and at the end of the stage, :func:`tower_readout` answers the test questions from what the
+   heads read in each cell: the reference for what the features hold (``test_*`` entries of the tower history).
+2. **Language model** (``lm_steps``, :func:`_train_lm`): the tower is frozen (its features are computed once and
+   cached, float16), the projector and the Llama language model learn to answer. Each training sequence is one
+   collage followed by ``turns`` question/answer turns in the llava-1.5 conversation format, so one pass over the
+   144 image tokens supervises several answers; the first turn is exactly the single-turn prompt used at test time.
+   With ``describe`` a last turn asks :data:`~vtoken.bench.fashion.DESCRIBE` and is answered with every cell
+   (``top left bag top center nothing ...``): position words each followed by what is there (a training-only
+   request; the test set has only the four question types). ``describe=True`` lists the cells in reading order;
+   the default, ``describe="shuffled"``, in a fresh random order per sequence, with the position words given
+   rather than labelled.
 
 Everything random derives from ``seed`` without hidden state (batch ``s`` of stage ``k`` from
 ``SeedSequence([seed, k, s])``), so a run resumes from ``<out>/checkpoint.pt`` to the same weights. The state at
@@ -35,7 +28,8 @@ Outputs in ``out_dir``: ``config.json`` + ``model.safetensors`` + processor file
 ``AutoModelForImageTextToText`` / ``AutoProcessor``), ``metrics.json`` (per-question-type accuracy of greedy
 ``generate`` on the shipped test set, history, arguments, timing) and ``checkpoint.pt``.
 
-CLI: ``python -m vtoken.bench.train_llava OUT_DIR`` (see ``--help``); ``vtoken train-micro`` trains both micro models.
+CLI: ``python -m vtoken.training.train_llava OUT_DIR`` (see ``--help``); ``vtoken train-micro`` trains both micro
+models.
 """
 
 from __future__ import annotations
@@ -43,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fashion import (
+from ..bench.common import progress_bar
+from ..bench.fashion import (
     CLASS_NAMES,
     DESCRIBE,
     ITEM,
@@ -62,6 +59,8 @@ from .fashion import (
     load_default_test_set,
     make_split,
 )
+from ..bench.vqa import answer, prepare_batches
+from .common import CHECKPOINT, METRICS, check_resume, pick_device, rng_state, save_atomic, set_rng_state
 from .micro_llava import (
     BOS_ID,
     EOS_ID,
@@ -73,16 +72,7 @@ from .micro_llava import (
     micro_llava_config,
     pixel_values,
 )
-from .train_vit import (
-    CHECKPOINT,
-    METRICS,
-    _check_resume,
-    _progress,
-    _rng_state,
-    _save_atomic,
-    _set_rng_state,
-    augment_batch,
-)
+from .train_vit import augment_batch
 
 _CKPT_FORMAT = 1
 _STAGES = ("tower", "lm")
@@ -159,7 +149,7 @@ def augment_collages(images: np.ndarray, rng: np.random.Generator, rows: int = 3
                      shift: int = 2) -> np.ndarray:
     """Stage-1 augmentation of ``uint8 [n, rows*28, cols*28, 3]`` collages: each cell's picture (inside its 1-px
     grid border) is flipped horizontally (p=0.5) and shifted by up to ``shift`` px on its own
-    (:func:`~vtoken.bench.train_vit.augment_batch`); the grid and the cell contents' classes are unchanged."""
+    (:func:`~vtoken.training.train_vit.augment_batch`); the grid and the cell contents' classes are unchanged."""
     n, h, w, ch = images.shape
     if h != rows * ITEM or w != cols * ITEM:
         raise ValueError(f"images must be [n, {rows * ITEM}, {cols * ITEM}, 3] for a {rows}x{cols} grid, "
@@ -285,11 +275,182 @@ def teacher_forced_accuracy(model: nn.Module, features: Tensor, examples: list[E
 def generate_answers(model: nn.Module, processor, examples: list[Example], batch_size: int = 50,
                      max_new_tokens: int = 4) -> list[str]:
     """Greedy answers through the public path: ``processor`` (chat prompt + image) and ``model.generate``."""
-    from .run import answer, prepare_batches
-
     batches = prepare_batches(processor, examples, batch_size)
     out = answer(model, processor, batches, range(len(batches)), max_new_tokens)
     return [a for i in range(len(batches)) for a in out[i]]
+
+
+@dataclass
+class _Data:
+    """Stage inputs: the training collages (``turns`` questions each) and the shipped test set."""
+
+    groups: list[list[Example]]     # the questions of each training collage
+    images: np.ndarray              # uint8 [n, 84, 84, 3], one per group
+    cells: Tensor                   # class id per cell [n, rows, cols] (-1 empty)
+    test: list[Example]
+
+
+def _load_data(images: int, turns: int, seed: int, root: str | Path | None, say: Callable[[str], None]) -> _Data:
+    t_data = time.perf_counter()
+    train = make_split("train", images, turns, seed, root=root)
+    groups = [train[i:i + turns] for i in range(0, len(train), turns)]
+    cells = torch.as_tensor(np.stack([g[0].cells for g in groups]))
+    data = _Data(groups, np.stack([g[0].image for g in groups]), cells, load_default_test_set())
+    say(f"data: {len(groups)} training collages x {turns} questions in {time.perf_counter() - t_data:.1f}s")
+    return data
+
+
+class _State:
+    """What :func:`train_llava` carries from stage to stage: the model and heads, the current stage with its
+    optimizer and step, the history, and the checkpoint."""
+
+    def __init__(self, out: Path, run: dict[str, Any], model: nn.Module, heads: TowerHeads, dev: torch.device,
+                 steps: dict[str, int], lrs: dict[str, float], say: Callable[[str], None]) -> None:
+        self.out, self.run, self.model, self.heads, self.dev, self.say = out, run, model, heads, dev, say
+        self.steps, self.lrs = steps, lrs
+        self.conv = Conversations()
+        self.stage, self.step, self.history, self.seconds = "tower", 0, [], 0.0
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        self.task: Any = None
+
+    @property
+    def done(self) -> int:
+        """Steps done over both stages."""
+        return self.step + sum(self.steps[s] for s in _STAGES[:_STAGES.index(self.stage)])
+
+    def begin(self, stage: str, step: int = 0) -> None:
+        """Enter ``stage`` at ``step`` with a fresh AdamW and cosine schedule (5% warm-up) over what it trains: the
+        tower and the heads (``tower``), everything but the tower (``lm``)."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.stage, self.step = stage, step
+        if stage == "tower":
+            params = [*self.model.model.vision_tower.parameters(), *self.heads.parameters()]
+        else:
+            params = [p for n, p in self.model.named_parameters() if not n.startswith("model.vision_tower.")]
+        total = self.steps[stage]
+        self.opt = torch.optim.AdamW(params, lr=self.lrs[stage], weight_decay=0.01)
+        self.sched = get_cosine_schedule_with_warmup(self.opt, max(1, round(0.05 * total)), max(1, total))
+
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt`` (any stage) or else from ``tower.pt`` (stage 2, step 0), when present
+        and written with the same arguments; otherwise start stage 1."""
+        ckpt_path, tower_path = self.out / CHECKPOINT, self.out / TOWER
+        if ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            check_resume(ckpt.get("run", {}), self.run, _RUN_KEYS, ckpt_path)
+            self.model.load_state_dict(ckpt["model"])
+            self.heads.load_state_dict(ckpt["heads"])
+            self.history, self.seconds = ckpt["history"], ckpt["seconds"]
+            self.begin(ckpt["stage"], ckpt["step"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            self.say(f"resumed from {ckpt_path}: stage {self.stage}, step {self.step}")
+        elif tower_path.is_file():
+            snap = torch.load(tower_path, map_location="cpu", weights_only=False)
+            check_resume(snap["run"], {k: self.run[k] for k in _TOWER_KEYS}, _TOWER_KEYS, tower_path)
+            self.model.model.vision_tower.load_state_dict(snap["tower"])
+            self.heads.load_state_dict(snap["heads"])
+            self.history, self.seconds = snap["history"], snap["seconds"]
+            self.begin("lm")
+            self.say(f"stage 1 restored from {tower_path}")
+        else:
+            self.begin("tower")
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.t0
+
+    def rng(self) -> np.random.Generator:
+        """The generator of the current step: ``SeedSequence([seed, stage index, step])``."""
+        return np.random.default_rng(np.random.SeedSequence([self.run["seed"], _STAGES.index(self.stage), self.step]))
+
+    def update(self, loss: Tensor) -> None:
+        """One optimizer step on ``loss`` (gradients clipped to norm 1), counted and shown on the progress bar."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, info=f"{self.stage} loss {loss.item():.3f}")
+
+    def checkpoint(self) -> None:
+        save_atomic({"format": _CKPT_FORMAT, "run": self.run, "stage": self.stage, "step": self.step,
+                     "history": self.history, "seconds": self.elapsed(), "model": self.model.state_dict(),
+                     "heads": self.heads.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "rng": rng_state()}, self.out / CHECKPOINT)
+
+
+def _train_tower(state: _State, data: _Data, *, batch_size: int, augment: bool, budget: int,
+                 checkpoint_every: int) -> None:
+    """Stage 1 up to ``tower_steps`` (or ``budget`` steps over both stages); once it is complete (within the budget),
+    the tower and heads go to ``tower.pt`` and ``state`` enters stage 2."""
+    model, heads, tower = state.model, state.heads, state.model.model.vision_tower
+    steps = state.steps["tower"]
+    while state.step < steps and state.done < budget:
+        rng = state.rng()
+        tower.train()
+        idx = np.sort(rng.choice(len(data.groups), batch_size, replace=False))
+        batch = data.images[idx]
+        if augment:
+            batch = augment_collages(batch, rng, *data.cells.shape[1:])
+        hidden = tower(pixel_values=pixel_values(batch).to(state.dev)).last_hidden_state
+        loss, info = heads.loss(hidden, data.cells[idx].to(state.dev))
+        state.update(loss)
+        last = state.step == steps
+        if state.step % 200 == 0 or last:
+            tower.eval()
+            info.update({f"test_{k}": v for k, v in tower_readout(model, heads, data.test).items()})
+            tower.train()
+            state.history.append({"stage": "tower", "step": state.step, **{k: round(v, 4) for k, v in info.items()}})
+            state.say(f"tower step {state.step}/{steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in info.items()))
+        if state.step % checkpoint_every == 0 or last or state.done >= budget:
+            state.checkpoint()
+    if state.step >= steps and state.done < budget:
+        save_atomic({"run": {k: state.run[k] for k in _TOWER_KEYS}, "tower": tower.state_dict(),
+                     "heads": heads.state_dict(), "history": state.history, "seconds": state.elapsed()},
+                    state.out / TOWER)
+        state.begin("lm")
+
+
+def _train_lm(state: _State, data: _Data, *, turns: int, batch_size: int, describe: bool | str, eval_every: int,
+              eval_limit: int, budget: int, checkpoint_every: int) -> None:
+    """Stage 2 up to ``lm_steps`` (or ``budget`` steps over both stages) on the frozen tower's cached features,
+    scored every ``eval_every`` steps by :func:`teacher_forced_accuracy` on the first ``eval_limit`` test
+    questions."""
+    model, conv, dev = state.model, state.conv, state.dev
+    steps = state.steps["lm"]
+    if not (state.step < steps and state.done < budget):
+        return
+    test = data.test[:eval_limit]
+    model.model.vision_tower.eval().requires_grad_(False)
+    features = tower_features(model, data.images, dtype=torch.float16)
+    test_features = tower_features(model, np.stack([e.image for e in test]))
+    while state.step < steps and state.done < budget:
+        rng = state.rng()
+        idx = rng.choice(len(data.groups), batch_size, replace=False)
+        cells = [data.groups[i][0].cells for i in idx]
+        orders = [rng.permutation(c.size) if describe == "shuffled" else None for c in cells]
+        seqs = [conv.sequence([data.groups[i][j] for j in rng.permutation(turns)], c if describe else None, o)
+                for i, c, o in zip(idx, cells, orders, strict=True)]
+        ids, labels, mask, pos = conv.batch(seqs)
+        logits = lm_logits(model, features[torch.as_tensor(idx)].float(), ids.to(dev), mask.to(dev), pos.to(dev))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].to(dev).flatten(), ignore_index=-100)
+        state.update(loss)
+        last = state.step == steps
+        if state.step % eval_every == 0 or last:
+            model.eval()
+            acc = teacher_forced_accuracy(model, test_features, test, conv)
+            model.train()
+            state.history.append({"stage": "lm", "step": state.step, "loss": round(loss.item(), 4),
+                                  "test_subset": {k: round(v, 4) for k, v in acc.items()}})
+            state.say(f"lm step {state.step}/{steps}: loss {loss.item():.3f}, test[:{eval_limit}] "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        if state.step % checkpoint_every == 0 or last or state.done >= budget:
+            state.checkpoint()
 
 
 def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turns: int = 8, tower_steps: int = 3000,
@@ -309,7 +470,7 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turn
     Returns the metrics (also written to ``<out_dir>/metrics.json``); ``"test"`` holds the greedy accuracy per
     question type on the shipped test set once the run is finished.
     """
-    from transformers import LlavaForConditionalGeneration, get_cosine_schedule_with_warmup
+    from transformers import LlavaForConditionalGeneration
 
     if describe not in (True, False, "shuffled"):
         raise ValueError(f"describe must be True, False or 'shuffled', got {describe!r}")
@@ -318,152 +479,56 @@ def train_llava(out_dir: str | Path, *, seed: int = 0, images: int = 40000, turn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = pick_device(device)
     cfg = config if config is not None else micro_llava_config()
     run = json.loads(json.dumps({"seed": seed, "images": images, "turns": turns, "tower_steps": tower_steps,
                                  "tower_batch": tower_batch, "tower_lr": tower_lr, "tower_augment": tower_augment,
                                  "lm_steps": lm_steps, "lm_batch": lm_batch, "lm_lr": lm_lr, "describe": describe,
                                  "model": cfg.to_diff_dict(), "vision": cfg.to_diff_dict()["vision_config"]}))
-
-    t_data = time.perf_counter()
-    train = make_split("train", images, turns, seed, root=root)
-    groups = [train[i:i + turns] for i in range(0, len(train), turns)]
-    train_images = np.stack([g[0].image for g in groups])
-    train_cells = torch.as_tensor(np.stack([g[0].cells for g in groups]))
-    test = load_default_test_set()
-    say(f"data: {len(groups)} training collages x {turns} questions in {time.perf_counter() - t_data:.1f}s")
-
+    data = _load_data(images, turns, seed, root, say)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).to(dev)
-    heads = TowerHeads(cfg.vision_config.hidden_size, *train_cells.shape[1:]).to(dev)
-    conv = Conversations()
-
-    def optimizer_for(stage: str):
-        if stage == "tower":
-            params = [*model.model.vision_tower.parameters(), *heads.parameters()]
-            lr, total = tower_lr, tower_steps
-        else:
-            params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-            lr, total = lm_lr, lm_steps
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        return opt, get_cosine_schedule_with_warmup(opt, max(1, round(0.05 * total)), max(1, total))
-
-    stage, step, history, seconds = "tower", 0, [], 0.0
-    opt, sched = optimizer_for("tower")
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _check_resume(ckpt.get("run", {}), run, _RUN_KEYS, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        heads.load_state_dict(ckpt["heads"])
-        stage, step, history, seconds = ckpt["stage"], ckpt["step"], ckpt["history"], ckpt["seconds"]
-        opt, sched = optimizer_for(stage)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        say(f"resumed from {ckpt_path}: stage {stage}, step {step}")
-    elif resume and (out / TOWER).is_file():
-        snap = torch.load(out / TOWER, map_location="cpu", weights_only=False)
-        _check_resume(snap["run"], {k: run[k] for k in _TOWER_KEYS}, _TOWER_KEYS, out / TOWER)
-        model.model.vision_tower.load_state_dict(snap["tower"])
-        heads.load_state_dict(snap["heads"])
-        stage, step, history, seconds = "lm", 0, snap["history"], snap["seconds"]
-        opt, sched = optimizer_for("lm")
-        say(f"stage 1 restored from {out / TOWER}")
-
-    t0 = time.perf_counter()
-
-    def checkpoint() -> None:
-        _save_atomic({"format": _CKPT_FORMAT, "run": run, "stage": stage, "step": step, "history": history,
-                      "seconds": seconds + time.perf_counter() - t0, "model": model.state_dict(),
-                      "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": _rng_state()}, ckpt_path)
-
-    done_before = step + (tower_steps if stage == "lm" else 0)
+    heads = TowerHeads(cfg.vision_config.hidden_size, *data.cells.shape[1:]).to(dev)
+    state = _State(out, run, model, heads, dev, {"tower": tower_steps, "lm": lm_steps},
+                   {"tower": tower_lr, "lm": lm_lr}, say)
+    if resume:
+        state.restore()
+    else:
+        state.begin("tower")
+    state.t0 = time.perf_counter()
     budget = tower_steps + lm_steps if stop_after is None else min(tower_steps + lm_steps, stop_after)
-    features = test_features = None
-    with _progress(progress) as bar:
-        task = bar.add_task("train", total=tower_steps + lm_steps, completed=done_before, info="") \
-            if bar is not None else None
-        while done_before < budget:
-            if stage == "tower" and step >= tower_steps:
-                _save_atomic({"run": {k: run[k] for k in _TOWER_KEYS}, "tower": model.model.vision_tower.state_dict(),
-                              "heads": heads.state_dict(), "history": history,
-                              "seconds": seconds + time.perf_counter() - t0}, out / TOWER)
-                stage, step = "lm", 0
-                opt, sched = optimizer_for("lm")
-                continue
-            if stage == "lm" and step >= lm_steps:
-                break
-            rng = np.random.default_rng(np.random.SeedSequence([seed, _STAGES.index(stage), step]))
-            if stage == "tower":
-                model.model.vision_tower.train()
-                idx = np.sort(rng.choice(len(groups), tower_batch, replace=False))
-                batch = train_images[idx]
-                if tower_augment:
-                    batch = augment_collages(batch, rng, *train_cells.shape[1:])
-                hidden = model.model.vision_tower(pixel_values=pixel_values(batch).to(dev)).last_hidden_state
-                loss, info = heads.loss(hidden, train_cells[idx].to(dev))
-            else:
-                if features is None:
-                    model.model.vision_tower.eval().requires_grad_(False)
-                    features = tower_features(model, train_images, dtype=torch.float16)
-                    test_features = tower_features(model, np.stack([e.image for e in test[:eval_limit]]))
-                idx = rng.choice(len(groups), lm_batch, replace=False)
-                cells = [groups[i][0].cells for i in idx]
-                orders = [rng.permutation(c.size) if describe == "shuffled" else None for c in cells]
-                seqs = [conv.sequence([groups[i][j] for j in rng.permutation(turns)], c if describe else None, o)
-                        for i, c, o in zip(idx, cells, orders, strict=True)]
-                ids, labels, mask, pos = conv.batch(seqs)
-                feats = features[torch.as_tensor(idx)].float()
-                logits = lm_logits(model, feats, ids.to(dev), mask.to(dev), pos.to(dev))
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].to(dev).flatten(),
-                                       ignore_index=-100)
-                info = {}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            done_before += 1
-            if bar is not None:
-                bar.update(task, completed=done_before, info=f"{stage} loss {loss.item():.3f}")
-            last = step == (tower_steps if stage == "tower" else lm_steps)
-            if stage == "lm" and (step % eval_every == 0 or last):
-                model.eval()
-                acc = teacher_forced_accuracy(model, test_features, test[:eval_limit], conv)
-                model.train()
-                entry = {"stage": stage, "step": step, "loss": round(loss.item(), 4),
-                         "test_subset": {k: round(v, 4) for k, v in acc.items()}}
-                history.append(entry)
-                say(f"lm step {step}/{lm_steps}: loss {loss.item():.3f}, test[:{eval_limit}] "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-            elif stage == "tower" and (step % 200 == 0 or last):
-                model.model.vision_tower.eval()
-                info.update({f"test_{k}": v for k, v in tower_readout(model, heads, test).items()})
-                model.model.vision_tower.train()
-                history.append({"stage": stage, "step": step, **{k: round(v, 4) for k, v in info.items()}})
-                say(f"tower step {step}/{tower_steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in info.items()))
-            if step % checkpoint_every == 0 or last or done_before >= budget:
-                checkpoint()
+    with progress_bar(progress) as bar:
+        if bar is not None:
+            state.bar, state.task = bar, bar.add_task("train", total=tower_steps + lm_steps, completed=state.done,
+                                                      info="")
+        if state.stage == "tower":
+            _train_tower(state, data, batch_size=tower_batch, augment=tower_augment, budget=budget,
+                         checkpoint_every=checkpoint_every)
+        if state.stage == "lm":
+            _train_lm(state, data, turns=turns, batch_size=lm_batch, describe=describe, eval_every=eval_every,
+                      eval_limit=eval_limit, budget=budget, checkpoint_every=checkpoint_every)
+    return _finish(state, data)
 
-    finished = stage == "lm" and step >= lm_steps
-    metrics: dict[str, Any] = {"finished": finished, "stage": stage, "step": step, "history": history,
-                               "device": str(dev), "torch_threads": torch.get_num_threads(),
-                               "seconds": round(seconds + time.perf_counter() - t0, 1), "run": run,
-                               "train_collages": len(groups)}
+
+def _finish(state: _State, data: _Data) -> dict[str, Any]:
+    """The metrics (written to ``metrics.json``); a finished run also saves the model and processor and scores
+    greedy ``generate`` on the shipped test set."""
+    finished = state.stage == "lm" and state.step >= state.steps["lm"]
+    metrics: dict[str, Any] = {"finished": finished, "stage": state.stage, "step": state.step,
+                               "history": state.history, "device": str(state.dev),
+                               "torch_threads": torch.get_num_threads(), "seconds": round(state.elapsed(), 1),
+                               "run": state.run, "train_collages": len(data.groups)}
     if finished:
-        model.eval()
+        state.model.eval()
         processor = build_processor()
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        answers = generate_answers(model, processor, test)
-        metrics["test"] = accuracy_by_type(answers, test)
-        metrics["test_questions"] = len(test)
-        say("test accuracy (greedy generate, shipped test set): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items()))
-    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        state.model.save_pretrained(state.out)
+        processor.save_pretrained(state.out)
+        answers = generate_answers(state.model, processor, data.test)
+        metrics["test"] = accuracy_by_type(answers, data.test)
+        metrics["test_questions"] = len(data.test)
+        state.say("test accuracy (greedy generate, shipped test set): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items()))
+    (state.out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

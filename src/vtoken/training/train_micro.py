@@ -1,7 +1,7 @@
 """``vtoken train-micro``: train both bundled micro models with the recipes that produced the shipped weights.
 
-- ``<out>/vit``: the micro ViT classifier (:mod:`vtoken.bench.train_vit`, :data:`VIT_RECIPE`).
-- ``<out>/llava``: the micro LLaVA (:mod:`vtoken.bench.train_llava`, its defaults).
+- ``<out>/vit``: the micro ViT classifier (:mod:`vtoken.training.train_vit`, :data:`VIT_RECIPE`).
+- ``<out>/llava``: the micro LLaVA (:mod:`vtoken.training.train_llava`, its defaults).
 
 Both are seeded and resume from their checkpoints (run the same command again after an interruption); both use
 CUDA when present. ``install=True`` copies the trained models into the package (``vtoken/assets``), replacing the
@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .micro_llava import default_model_path, default_vit_path
+from ..bench.common import default_model_path, default_vit_path
 
 VIT_RECIPE: dict[str, Any] = {"epochs": 6, "batch_size": 128, "lr": 2e-3, "augment": False}
-"""The micro ViT's training arguments (model: :func:`~vtoken.bench.train_vit.micro_vit_config`)."""
+"""The micro ViT's training arguments (model: :func:`~vtoken.training.train_vit.micro_vit_config`)."""
 _MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
                 "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "chat_template.json", "metrics.json")

@@ -17,18 +17,15 @@ Outputs in ``out_dir``: the final model (``save_pretrained``: ``config.json`` + 
 with ``AutoModelForImageClassification.from_pretrained``), ``metrics.json`` (test accuracy, per-epoch history,
 arguments, timing) and ``checkpoint.pt``.
 
-CLI: ``python -m vtoken.bench.train_vit OUT_DIR --epochs 3 --batch-size 128 --lr 2e-3``.
+CLI: ``python -m vtoken.training.train_vit OUT_DIR --epochs 3 --batch-size 128 --lr 2e-3``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fashion import CLASS_NAMES, load_fashion
+from ..bench.common import progress_bar
+from ..bench.fashion import CLASS_NAMES, load_fashion
+from .common import CHECKPOINT, METRICS, check_resume, pick_device, rng_state, save_atomic, set_rng_state
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
 MEAN = 0.5
 STD = 0.5
 _CKPT_FORMAT = 1
@@ -107,57 +104,6 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
     return correct / len(images)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _comparable(run: dict) -> dict:
-    """Run arguments as compared on resume (the transformers version that wrote the config does not count)."""
-    model = {k: v for k, v in run.get("model", {}).items() if k != "transformers_version"}
-    return {**run, "model": model}
-
-
-def _check_resume(saved: dict, run: dict, keys: tuple[str, ...], path: Path) -> None:
-    """Raise when the checkpoint at ``path`` was written by a run whose arguments differ from ``run``."""
-    if _comparable(saved) != _comparable(run):
-        diff = sorted(k for k in keys if _comparable(saved).get(k) != _comparable(run).get(k))
-        raise ValueError(f"{path} was written by a run with other arguments ({', '.join(diff)}); "
-                         "use another out_dir or resume=False")
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-
-
 def train_vit(out_dir: str | Path, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
               root: str | Path | None = None, limit: int | None = None, resume: bool = True,
               device: str | torch.device | None = None, *, config=None, weight_decay: float = 0.05,
@@ -184,7 +130,7 @@ def train_vit(out_dir: str | Path, epochs: int = 3, batch_size: int = 128, lr: f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = pick_device(device)
 
     if data is None:
         tr_x, tr_y = load_fashion("train", root)
@@ -215,26 +161,26 @@ def train_vit(out_dir: str | Path, epochs: int = 3, batch_size: int = 128, lr: f
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _check_resume(ckpt.get("run", {}), run, _RUN_KEYS, ckpt_path)
+        check_resume(ckpt.get("run", {}), run, _RUN_KEYS, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         step, history, seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
         say(f"resumed from {ckpt_path} at step {step}/{total}")
 
     def checkpoint() -> None:
-        _save_atomic({"format": _CKPT_FORMAT, "run": run, "step": step, "history": history,
+        save_atomic({"format": _CKPT_FORMAT, "run": run, "step": step, "history": history,
                       "seconds": seconds + time.perf_counter() - t0, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "rng": _rng_state()}, ckpt_path)
+                      "rng": rng_state()}, ckpt_path)
 
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     t0 = time.perf_counter()
     epoch_t0 = t0
     stop = total if stop_after is None else min(total, stop_after)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("train", total=total, completed=step, info="") if bar is not None else None
         while step < stop:
             epoch, b = divmod(step, steps_per_epoch)
