@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bench demo test lint bench-selection bench-prefill lock test-latest test-transformers
+.PHONY: setup bench demo docs test lint bench-selection bench-prefill lock test-latest test-transformers
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,10 @@ bench: setup
 demo: setup
 	$(BIN)/vtoken methods
 	$(BIN)/vtoken demo --keep 64 --out out/demo
+
+# the method cards of docs/methods.md (a test fails when they are stale)
+docs: setup
+	$(BIN)/vtoken methods --markdown > docs/methods.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -80,15 +80,64 @@ def test_every_knob_is_documented_for_the_card():
         assert not missing, f"{m.name}: document {missing} in its Args: block"
 
 
+def test_every_default_says_where_it_comes_from():
+    from vtoken.methods.registry import SOURCE_KINDS, register
+
+    for m in vtoken.methods():
+        assert set(m.knob_sources) == set(m.defaults), m.name
+        assert all(v.startswith(SOURCE_KINDS) for v in m.knob_sources.values()), m.name
+        assert set(m.main_knobs) <= set(m.defaults), m.name
+    assert vtoken.get_method("vtc_cls").knob_sources["start_layer"].startswith("official scripts")
+
+    def fn(tokens: torch.Tensor, counts: torch.Tensor, *, mask: torch.Tensor | None = None, alpha: float = 0.5,
+           beta: int = 2) -> vtoken.Reduction:
+        raise AssertionError
+
+    common = {"paper": "-", "venue": "-", "repo": None, "stage": "pre_llm", "kind": "prune"}
+    with pytest.raises(ValueError, match=r"no source for \['alpha', 'beta'\]"):
+        register("no_sources", **common)(fn)
+    with pytest.raises(ValueError, match="must start with one of"):
+        register("bad_source", knob_sources={"*": "my guess"}, **common)(fn)
+    with pytest.raises(ValueError, match=r"knob_sources names \['gamma'\]"):
+        register("stray_source", knob_sources={"*": "vtoken: x", "gamma": "paper: y"}, **common)(fn)
+    assert {"no_sources", "bad_source", "stray_source"}.isdisjoint(m.name for m in vtoken.methods())
+
+
+def test_vtc_cls_starts_two_thirds_deep_as_the_official_scripts():
+    """The official eval scripts pass ``--layer 16`` on CLIP-L's 24 layers; the default is ``2L // 3`` at any depth,
+    and at most the last layer the slice reaches on a shallow tower."""
+    tokens = torch.zeros(1, 6, 4)
+    for depth, first in ((24, 16), (3, 1)):
+        layers = torch.zeros(1, depth, 6)
+        layers[:, first, 5] = 1.0       # the first summed layer decides ...
+        layers[:, first - 1, 0] = 5.0   # ... the layer before it does not
+        red = vtoken.reduce(tokens, 1, "vtc_cls", cls_attn_layers=layers)
+        assert red.indices.tolist() == [[5]], depth
+
+
 def test_methods_card_and_summaries(capsys):
     assert main(["methods", "visionzip"]) == 0
     card = capsys.readouterr().out
     for text in ("VisionZip", "cls_attn (required)", "contextual:", ">= 0", "runs on  llava", "parity"):
         assert text in card
+    assert "important knobs" in card and "default from paper: 10 contextual tokens for 64 kept" in card
     assert main(["methods", "--json"]) == 0
     assert '"summary"' in capsys.readouterr().out
     assert main(["methods", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_method_docs_are_current_and_the_readme_links_every_card():
+    from pathlib import Path
+
+    from vtoken.cli import methods_markdown
+
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "docs" / "methods.md").read_text() == methods_markdown(), (
+        "docs/methods.md is stale: run `vtoken methods --markdown > docs/methods.md`")
+    readme = (root / "README.md").read_text()
+    for m in vtoken.methods():
+        assert f"[{m.name}](docs/methods.md#{m.name})" in readme, f"README's method table lacks {m.name}"
 
 
 def test_a_new_method_needs_no_model_code():

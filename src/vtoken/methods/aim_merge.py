@@ -24,7 +24,11 @@ from .tome import finish, per_round_caps
 @register("aim_merge", paper="AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning",
           venue="ICCV 2025", repo="https://github.com/LaVi-Lab/AIM", stage="video", kind="merge",
           optional_signals=("keys",), parity=True, fixture="aim_merge",
-          knob_ranges={"r": ">= 1"})
+          knob_ranges={"r": ">= 1"},
+          main_knobs=("r",),
+          knob_sources={
+              "r": "vtoken: None, unlimited per round so keep sets the count",
+          })
 def aim_merge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
               r: int | Sequence[int] | None = None) -> Reduction:
     """AIM's pre-LLM merge: ToMe-style bipartite soft matching per frame, unweighted mean, nothing protected.
@@ -79,7 +83,13 @@ def _aim_counts(n: Tensor, keep: int | float, images: Tensor, depth: int, *, sta
           venue="ICCV 2025", repo="https://github.com/LaVi-Lab/AIM", stage="llm", kind="prune",
           signals=("llm_attn_rank",), signal_spec={"llm_attn_rank": SignalSpec(temperature=0.1, iters=5)},
           schedule=LLMSchedule(_aim_layers, _aim_counts),
-          knob_ranges={"ref_depth": ">= 1"})
+          knob_ranges={"ref_depth": ">= 1"},
+          main_knobs=("start", "end"),
+          knob_sources={
+              "start": "paper: 14 of Qwen2-7B's 28 layers, scaled by depth (the official LLaMA-32 runs use 13)",
+              "end": "paper: 22 of Qwen2-7B's 28 layers, scaled by depth (the official LLaMA-32 runs use 21)",
+              "ref_depth": "paper: Qwen2-7B's 28 decoder layers",
+          })
 def aim(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
         llm_attn_rank: Tensor | None = None) -> Reduction:
     """One step of AIM's progressive in-LLM pruning: keep the ``counts[b]`` visual tokens of highest multimodal

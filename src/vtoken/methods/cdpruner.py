@@ -64,7 +64,11 @@ def instruction_relevance(vision_features: Tensor, text: Tensor, *, text_mask: T
                        "text": SignalSpec(space="clip_joint", note="CLIP's text embeddings of the instruction, one "
                                                                    "row per 77-token chunk")},
           knob_ranges={"relevance_norm": ("sample", "batch")},
-          signal_shapes={"text": "B T C"})  # text in the CLIP joint space of vision_features
+          signal_shapes={"text": "B T C"},
+          knob_sources={
+              "relevance_norm": "vtoken: per sample, so a batch equals each sample alone (invariant 3); the "
+                                "official code normalises over the whole batch ('batch')",
+          })  # text in the CLIP joint space of vision_features
 def cdpruner(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_features: Tensor | None = None,
              text: Tensor | None = None, text_mask: Tensor | None = None,
              relevance_norm: str = "sample") -> Reduction:

@@ -23,7 +23,14 @@ from .registry import register
           schedule=one_layer("dart", default=2),
           knob_ranges={"pivot_image_token": ">= 0", "pivot_text_token": ">= 0", "pivot_order": PIVOT_ORDERS},
           knob_rules=[("pivot_image_token + pivot_text_token must be >= 1",
-                       lambda pivot_image_token, pivot_text_token: pivot_image_token + pivot_text_token >= 1)])
+                       lambda pivot_image_token, pivot_text_token: pivot_image_token + pivot_text_token >= 1)],
+          main_knobs=("layer",),
+          knob_sources={
+              "pivot_image_token": "official scripts: 4 + 4 pivots in the LLaVA runs",
+              "pivot_text_token": "official scripts: 4 + 4 pivots in the LLaVA runs",
+              "pivot_order": "official code: its own pivot order",
+              "layer": "paper: K = 2",
+          })
 def dart(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_hidden: Tensor | None = None,
          llm_keys: Tensor | None = None, llm_text_hidden: Tensor | None = None, llm_text_keys: Tensor | None = None,
          text_mask: Tensor | None = None, positions: Tensor | None = None, pivot_image_token: int = 4,

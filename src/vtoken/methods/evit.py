@@ -21,7 +21,13 @@ from .registry import SignalSpec, register
           signal_spec={"cls_attn": SignalSpec(layer="same", heads="mean",
                                     note="the CLS row of the reorganising block's own attention, per-head "
                                             "softmax(q k^T * head_dim**-0.5), head mean; with class_token=True it "
-                                            "spans all N tokens (column 0 = CLS->CLS, ignored)")})
+                                            "spans all N tokens (column 0 = CLS->CLS, ignored)")},
+          main_knobs=("fuse_token",),
+          knob_sources={
+              "fuse_token": "official scripts: the released DeiT runs pass --fuse_token (the code's own default is "
+                            "off)",
+              "class_token": "vtoken: tokens without a CLS row; the ViT adapter passes True for its CLS token",
+          })
 def evit(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
          fuse_token: bool = True, class_token: bool = False) -> Reduction:
     """Keep the patches with the highest [CLS] attention and fuse the rest into one attention-weighted token.

@@ -15,7 +15,11 @@ from .registry import register
 
 @register("fastv", paper="An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large "
           "Vision-Language Models", venue="ECCV 2024", repo="https://github.com/pkunlp-icler/FastV", stage="llm",
-          kind="prune", signals=("llm_attn",), schedule=one_layer("fastv", default=2))
+          kind="prune", signals=("llm_attn",), schedule=one_layer("fastv", default=2),
+          main_knobs=("layer",),
+          knob_sources={
+              "layer": "official scripts: K = 2 in the eval scripts (the demo uses 3)",
+          })
 def fastv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None) -> Reduction:
     """Keep the ``counts[b]`` visual tokens with the largest attention from the last prompt token (FastV).
 

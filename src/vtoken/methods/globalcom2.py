@@ -37,11 +37,17 @@ def _group_normalize(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
                               "High-Resolution Large Vision-Language Models",
           venue="AAAI 2026", repo="https://github.com/xuyang-liu16/GlobalCom2", stage="pre_llm", kind="prune",
           signals=("attn_logits",), optional_signals=("crop_ids",), parity=True, fixture="globalcom2", exact=False,
-          space="llm",
+          space="projected",
           signal_spec={"attn_logits": SignalSpec(layer=-1, heads="mean",
                                        note="PRE-softmax CLS->patch logits (q*scale @ k^T) of the LAST CLIP layer, "
                                                "head mean, every view with its own CLS (official apply_customvit)")},
-          knob_ranges={"retention_ratio": "(0, 1]", "temperature": "> 0"})
+          knob_ranges={"retention_ratio": "(0, 1]", "temperature": "> 0"},
+          main_knobs=("retention_ratio",),
+          knob_sources={
+              "retention_ratio": "vtoken: None, from keep so keep is the one budget; the official default 0.25 is "
+                                 "keep=25%",
+              "temperature": "official code: 10",
+          })
 def globalcom2(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_logits: Tensor | None = None,
                crop_ids: Tensor | None = None, retention_ratio: float | None = None,
                temperature: float = 10.0) -> Reduction:

@@ -38,7 +38,14 @@ def _layer(value: int, n_layers: int, name: str) -> int:
                       "OBJECT_LAYER=9, 1-based, for CLIP ViT-L/14) and LLaVA's select layer (-2); per layer the "
                       "softmax probabilities are averaged over heads, then over every query row including CLS, and "
                       "the CLS column is dropped")},
-          knob_ranges={"alpha": "[0, 1]", "neighbours": ("raster", "grid")})
+          knob_ranges={"alpha": "[0, 1]", "neighbours": ("raster", "grid")},
+          main_knobs=("alpha",),
+          knob_sources={
+              "alpha": "official scripts: HIPRUNE_ALPHA=0.1",
+              "object_layer": "official code: the first collected layer (CLIP layer 9 on LLaVA-1.5)",
+              "deep_layer": "official code: the last collected layer (LLaVA's select layer)",
+              "neighbours": "official code: the flat-index buffer rule",
+          })
 def hiprune(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn_received_layers: Tensor | None = None,
             grid: tuple[int, int] | None = None, alpha: float = 0.1, object_layer: int = 0, deep_layer: int = -1,
             neighbours: str = "raster") -> Reduction:

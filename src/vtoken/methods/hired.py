@@ -28,7 +28,11 @@ from .registry import SignalSpec, register
                        "cls_attn_layers": SignalSpec(layers=(0,), ref_depth=24, heads="mean",
                                            note="the initial layer (official vit_top_layer = 0): the thumbnail's "
                                                    "CLS attention there sets the crop budgets (used with crop_ids)")},
-          knob_ranges={"alpha": "[0, 1]"})
+          knob_ranges={"alpha": "[0, 1]"},
+          main_knobs=("alpha",),
+          knob_sources={
+              "alpha": "official scripts: 0.5 in the LLaVA-NeXT runs",
+          })
 def hired(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
           crop_ids: Tensor | None = None, cls_attn_layers: Tensor | None = None, alpha: float = 0.5) -> Reduction:
     """Keep the ``counts[b]`` patches with the highest [CLS] attention of one vision layer, in positional order.

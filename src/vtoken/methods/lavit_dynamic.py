@@ -37,7 +37,12 @@ def distinctiveness(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
           paper="Unified Language-Vision Pretraining in LLM with Dynamic Discrete Visual Tokenization",
           venue="ICLR 2024", repo="https://github.com/jy0205/LaVIT", stage="pre_llm", kind="merge",
           optional_signals=("cls_attn", "sizes"), exact=False,
-          knob_ranges={"score": SCORES, "threshold": ">= 0"})
+          knob_ranges={"score": SCORES, "threshold": ">= 0"},
+          main_knobs=("threshold",),
+          knob_sources={
+              "score": "vtoken: LaVIT's selector is learned; 'auto' picks the training-free score the signals allow",
+              "threshold": "vtoken: above-average tokens (no training-free threshold in the paper)",
+          })
 def lavit_dynamic(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
                   sizes: Tensor | None = None, score: str = "auto", threshold: float = 1.0) -> Reduction:
     """LaVIT's dynamic visual tokenizer, training-free: an image keeps as many tokens as its content needs.

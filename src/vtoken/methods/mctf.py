@@ -135,7 +135,20 @@ def _pack_attention(attn: Tensor, rep: Tensor) -> Tensor:
           signal_spec={"sizes": SignalSpec(proportional_attention=True)},
           signal_shapes={"attn": "B N N | B H N N"},
           knob_ranges={"tau_sim": ">= 0", "tau_info": ">= 0", "tau_size": ">= 0", "pooling": tuple(POOLINGS),
-                       "r": ">= 1", "ties": ("index", "official")})
+                       "r": ">= 1", "ties": ("index", "official")},
+          main_knobs=("r", "one_step_ahead"),
+          knob_sources={
+              "class_token": "vtoken: tokens without a CLS row (official num_protected=1); the ViT adapter passes True",
+              "tau_sim": "paper: DeiT setting (official code's default 1)",
+              "tau_info": "paper: DeiT setting (official code's default 20)",
+              "tau_size": "paper: DeiT setting (official code's default 40)",
+              "bidirection": "paper: two-step bidirectional matching (official default)",
+              "pooling": "paper: attention-weighted pooling (official default)",
+              "one_step_ahead": "paper: one-step-ahead attention (official default)",
+              "r": "vtoken: None, as many merges as keep needs; the official DeiT runs use r=16 per block and skip "
+                   "block 0",
+              "ties": "vtoken: lowest index (invariant 4); 'official' reproduces the official CPU order",
+          })
 def mctf(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, attn: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, tau_sim: float = 1.0, tau_info: float = 20.0,
          tau_size: float = 40.0, bidirection: bool = True, pooling: str = "attn", one_step_ahead: bool = True,

@@ -51,7 +51,15 @@ def coverage_matrix(tokens: Tensor, text: Tensor, vision_features: Tensor | None
           signal_spec={"text": SignalSpec(note="the language model's input embeddings of the question keywords"),
                        "vision_features": SignalSpec(note="pre-projector CLIP features of the layer the projector "
                                                           "reads (LLaVA: -2), [CLS] excluded")},
-          knob_ranges={"alpha": ">= 0", "tv_temp": "> 0", "vv_temp": "> 0"})
+          knob_ranges={"alpha": ">= 0", "tv_temp": "> 0", "vv_temp": "> 0"},
+          main_knobs=("alpha",),
+          knob_sources={
+              "alpha": "official code: 0.5",
+              "tv_temp": "official code: 0.02, the LLaVA selector (its Qwen runs use 0.01)",
+              "vv_temp": "official code: 0.2",
+              "exclude": "vtoken: None; the adapters mask padding instead (the official code excludes LLaVA-1.5's "
+                         "padded patches)",
+          })
 def mmtok(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, text: Tensor | None = None,
           text_mask: Tensor | None = None, vision_features: Tensor | None = None, alpha: float = 0.5,
           tv_temp: float = 0.02, vv_temp: float = 0.2, exclude: Tensor | None = None) -> Reduction:

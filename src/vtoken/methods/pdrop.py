@@ -34,7 +34,13 @@ def _counts(n: Tensor, keep: int | float, images: Tensor, layers: Sequence[int])
           "Reduction", venue="CVPR 2025", repo="https://github.com/Cooperx521/PyramidDrop", stage="llm", kind="prune",
           signals=("llm_attn",), signal_spec={"llm_attn": SignalSpec(layer="current")},
           schedule=LLMSchedule(_layers, _counts),
-          knob_ranges={"ref_depth": ">= 1"})
+          knob_ranges={"ref_depth": ">= 1"},
+          main_knobs=("layers",),
+          knob_sources={
+              "layers": "paper: 8, 16, 24 of LLaVA-1.5-7B's 32 layers, scaled by depth (the official 13B runs keep "
+                        "them unscaled)",
+              "ref_depth": "paper: LLaVA-1.5-7B's 32 decoder layers",
+          })
 def pdrop(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None) -> Reduction:
     """One PyramidDrop stage boundary: keep the ``counts[b]`` visual tokens the last instruction token attends to most.
 

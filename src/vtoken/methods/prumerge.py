@@ -105,7 +105,14 @@ def merge_and_summarise(tokens: Tensor, keep_order: Tensor, valid: Tensor, cls_a
           space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), parity=True, fixture="prumerge", exact=False,
           signal_spec=PRUMERGE_SIGNAL_SPEC,
-          knob_ranges={"neighbors": ">= 0"})
+          knob_ranges={"neighbors": ">= 0"},
+          main_knobs=("adaptive",),
+          knob_sources={
+              "adaptive": "paper: PruMerge's IQR-adaptive count",
+              "pooled_iqr": "vtoken: per sample, so a batch equals each sample alone (invariant 3); the official "
+                            "code pools the IQR over the batch (True)",
+              "neighbors": "official code: 32",
+          })
 def prumerge(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
              keys: Tensor | None = None, adaptive: bool = True, pooled_iqr: bool = False,
              neighbors: int = 32) -> Reduction:

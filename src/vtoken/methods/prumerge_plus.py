@@ -33,7 +33,16 @@ def _raster_positions(valid: Tensor, stride: Tensor, offset: Tensor) -> Tensor:
           space="vision", stage="pre_llm", kind="merge",
           signals=("cls_attn", "keys"), optional_signals=("grid",), parity=True, fixture="prumerge_plus",
           exact=False, signal_spec=PRUMERGE_SIGNAL_SPEC,
-          knob_ranges={"neighbors": ">= 0", "spatial_stride": ">= 1"})
+          knob_ranges={"neighbors": ">= 0", "spatial_stride": ">= 1"},
+          main_knobs=("adaptive",),
+          knob_sources={
+              "adaptive": "paper: PruMerge+'s IQR-adaptive count plus spatial picks",
+              "pooled_iqr": "vtoken: per sample, so a batch equals each sample alone (invariant 3); the official "
+                            "code pools the IQR over the batch (True)",
+              "neighbors": "official code: 32",
+              "spatial_stride": "vtoken: None, from keep (about half the budget); the official code strides 8 from "
+                                "4 on LLaVA-1.5's 24 x 24 grid",
+          })
 def prumerge_plus(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
                   keys: Tensor | None = None, grid: tuple[int, int] | None = None, adaptive: bool = True,
                   pooled_iqr: bool = False, neighbors: int = 32, spatial_stride: int | None = None) -> Reduction:

@@ -14,7 +14,10 @@ SEED_RANGE = f"[{-2 ** 63}, {2 ** 64 - 1}]"
 
 @register("random", paper="Random token selection (baseline)", venue="baseline", repo=None, stage="pre_llm",
           kind="prune",
-          knob_ranges={"seed": SEED_RANGE})
+          knob_ranges={"seed": SEED_RANGE},
+          knob_sources={
+              "seed": "vtoken: 0",
+          })
 def random(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, seed: int = 0) -> Reduction:
     """Keep a uniformly random subset of ``counts[b]`` tokens per sample, seeded.
 

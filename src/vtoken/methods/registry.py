@@ -20,6 +20,12 @@ from ..core import SIGNAL_SHAPES, SIGNALS
 
 STAGES = ("encoder", "pre_llm", "llm", "video")
 KINDS = ("prune", "merge", "cluster", "pool", "layout")
+#: where a pre-LLM method runs in a VLM: on the tower's features before the projector, or on the projected tokens
+SPACES = ("vision", "projected")
+#: where a knob's default comes from: the paper, the official code's own default, the official evaluation scripts
+#: (what the reported numbers ran with), or vtoken's choice (a budget derived from ``keep``, another depth, a batch
+#: rule that keeps each sample independent); each ``knob_sources`` entry starts with one of these
+SOURCE_KINDS = ("paper", "official code", "official scripts", "vtoken")
 
 _REGISTRY: dict[str, MethodInfo] = {}
 Fn = Callable[..., Any]
@@ -265,7 +271,7 @@ class MethodInfo:
     fixture: str | tuple[str, ...] | None = None
     needs_keep: bool = True
     exact: bool = True
-    space: str = "llm"
+    space: str = "projected"
     encoder_schedule: dict[str, Any] = field(default_factory=dict)
     signal_spec: dict[str, SignalSpec] = field(default_factory=dict)
     summary: str = ""
@@ -278,6 +284,8 @@ class MethodInfo:
     #: apart from those kept for parity in ``vtoken methods NAME``)
     knob_docs: dict[str, str] = field(default_factory=dict)
     main_knobs: tuple[str, ...] = ()
+    #: where each knob's default comes from (starts with one of :data:`SOURCE_KINDS`)
+    knob_sources: dict[str, str] = field(default_factory=dict)
     #: every keyword the function takes (signals, knobs, ``mask``), computed once at registration
     params: frozenset[str] = frozenset()
 
@@ -322,14 +330,15 @@ class MethodInfo:
 def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str, kind: str,
              signals: tuple[str, ...] = (), optional_signals: tuple[str, ...] = (), parity: bool = False,
              fixture: str | tuple[str, ...] | None = None, needs_keep: bool = True, exact: bool = True,
-             space: str = "llm",
+             space: str = "projected",
              signal_spec: Mapping[str, SignalSpec | Mapping[str, Any]] | None = None,
              encoder_schedule: dict[str, Any] | None = None,
              schedule: LLMSchedule | None = None,
              knob_ranges: dict[str, KnobRange] | None = None,
              knob_rules: Sequence[KnobRule] = (),
              signal_shapes: dict[str, str] | None = None,
-             main_knobs: Sequence[str] = ()) -> Callable[[Fn], Fn]:
+             main_knobs: Sequence[str] = (),
+             knob_sources: Mapping[str, str] | None = None) -> Callable[[Fn], Fn]:
     """Register a method function under ``name`` with its paper metadata.
 
     ``signals`` are required keyword signals (names from :data:`vtoken.core.SIGNALS`), ``optional_signals`` are
@@ -341,7 +350,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     the way the official code does (``{"cls_attn": SignalSpec(layer=-2)}``, :class:`SignalSpec`; a plain mapping is
     converted, an unknown key fails here). Knob defaults are read from the
     function's signature. ``space`` is where the official code applies the method in a VLM: ``"vision"`` on the
-    vision tower's features before the projector (merging there differs from merging after it), ``"llm"`` on the
+    vision tower's features before the projector (merging there differs from merging after it), ``"projected"`` on the
     projected tokens the language model sees. ``encoder_schedule`` says how an encoder-stage method spreads ``keep``
     over a ViT's layers: ``{"layers": "all" | [fractions of depth or indices], "schedule": "constant" | "geometric"}``.
     ``schedule`` (required for ``stage="llm"``) says at which decoder layers and with how many tokens an LLM-stage
@@ -352,11 +361,17 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     ``"[0, 1]"`` or ``"> 0"``, or a tuple of allowed values) and ``knob_rules`` (:data:`KnobRule`, for requirements
     between knobs). ``signal_shapes`` overrides a signal's axes in :data:`vtoken.core.SIGNAL_SHAPES` (e.g. ``{"text":
     "B T C"}``: text in the width ``C`` of ``vision_features`` instead of the tokens' ``D``).
+
+    ``main_knobs`` are the one or two knobs that matter (``vtoken methods NAME`` shows them apart from those kept for
+    parity). ``knob_sources`` says where each knob's default comes from, one entry per knob, each starting with one
+    of :data:`SOURCE_KINDS` (``"official scripts: --layer 16 in the eval scripts"``); ``"*"`` covers the knobs not
+    named. A knob without a source fails here.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if space not in ("vision", "llm"):
-        raise ValueError(f"space must be 'vision' or 'llm', got {space!r}")
+    if space not in SPACES:
+        raise ValueError(f"method {name!r}: space must be 'vision' (the tower's features, before the projector) or "
+                         f"'projected' (after it), got {space!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if (stage == "llm") != (schedule is not None):
@@ -413,6 +428,7 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
         for _, rule in knob_rules:
             if set(inspect.signature(rule).parameters) - set(defaults):
                 raise ValueError(f"method {name!r}: a knob rule names arguments that are not its knobs")
+        sources = _knob_sources(name, knob_sources or {}, defaults)
         doc = inspect.getdoc(fn) or ""
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, paper=paper, venue=venue, repo=repo, stage=stage, kind=kind,
@@ -422,11 +438,30 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
             summary=doc.split("\n\n")[0].replace("\n", " "), schedule=schedule,
             knob_types=types, knob_ranges=ranges, knob_rules=tuple(knob_rules),
             signal_shapes=dict(signal_shapes or {}), knob_docs=_arg_docs(doc, defaults),
-            main_knobs=tuple(main_knobs), params=frozenset(k for k in params if k not in ("tokens", "counts")),
+            main_knobs=tuple(main_knobs), knob_sources=sources,
+            params=frozenset(k for k in params if k not in ("tokens", "counts")),
         )
         return fn
 
     return deco
+
+
+def _knob_sources(name: str, given: Mapping[str, str], defaults: Mapping[str, Any]) -> dict[str, str]:
+    """One source per knob of ``defaults`` from ``given`` (``"*"`` for the rest); a ``ValueError`` naming what is
+    missing, unknown or not of :data:`SOURCE_KINDS`."""
+    unknown = sorted(set(given) - set(defaults) - {"*"})
+    if unknown:
+        raise ValueError(f"method {name!r}: knob_sources names {unknown}, not among its knobs {sorted(defaults)}")
+    for key, text in given.items():
+        if not isinstance(text, str) or not text.startswith(SOURCE_KINDS):
+            raise ValueError(f"method {name!r}: knob_sources[{key!r}] must start with one of {SOURCE_KINDS} (where the "
+                             f"default comes from), got {text!r}")
+    out = {k: given.get(k, given.get("*")) for k in defaults}
+    missing = sorted(k for k, v in out.items() if v is None)
+    if missing:
+        raise ValueError(f"method {name!r}: knob_sources gives no source for {missing}; say where each default comes "
+                         f"from ({', '.join(SOURCE_KINDS)}), or give '*' for the rest")
+    return {k: str(v) for k, v in out.items()}
 
 
 def get_method(name: str) -> MethodInfo:

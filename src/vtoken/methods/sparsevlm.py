@@ -116,7 +116,13 @@ def _counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
           signals=("llm_text_attn", "llm_embeds", "text", "text_mask"), parity=True,
           fixture=("sparsevlm_attn_topk", "sparsevlm_cluster_merge"), exact=False,
           schedule=LLMSchedule(_layers, _counts),
-          knob_ranges={"ref_depth": ">= 1"})
+          knob_ranges={"ref_depth": ">= 1"},
+          main_knobs=("layers",),
+          knob_sources={
+              "recycle": "paper: token recycling (Sec 3.4)",
+              "layers": "official code: 2, 6, 15 of a 32-layer Vicuna, scaled by depth",
+              "ref_depth": "official code: LLaVA-1.5's 32-layer Vicuna",
+          })
 def sparsevlm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               llm_embeds: Tensor | None = None, text: Tensor | None = None, text_mask: Tensor | None = None,
               recycle: bool = True) -> Reduction:

@@ -24,7 +24,10 @@ from .registry import LLMSchedule, register
 @register("todre", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models", venue="arXiv 2025", repo=None, stage="pre_llm", kind="prune",
           optional_signals=("vision_features",),
-          knob_ranges={"metric": ("cosine", "euclidean")})
+          knob_ranges={"metric": ("cosine", "euclidean")},
+          knob_sources={
+              "metric": "paper: cosine k-center",
+          })
 def todre(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, vision_features: Tensor | None = None,
           metric: str = "cosine") -> Reduction:
     """Keep ``counts[b]`` tokens chosen by greedy k-center on their features (ToDRE stage 1).
@@ -74,7 +77,13 @@ def _llm_counts(n: Tensor, keep: int | float, images: Tensor) -> list[Tensor]:
 @register("todre_llm", paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
           "Vision-Language Models", venue="arXiv 2025", repo=None, stage="llm", kind="prune",
           signals=("llm_text_attn", "text_mask"), exact=False, schedule=LLMSchedule(_llm_layers, _llm_counts),
-          knob_ranges={"threshold": "[0, 1]", "ref_depth": ">= 1"})
+          knob_ranges={"threshold": "[0, 1]", "ref_depth": ">= 1"},
+          main_knobs=("threshold",),
+          knob_sources={
+              "threshold": "paper: tau = 0.10",
+              "layer": "paper: 7L/8 (28 of 32), scaled by depth",
+              "ref_depth": "paper: a 32-layer language model",
+          })
 def todre_llm(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_text_attn: Tensor | None = None,
               text_mask: Tensor | None = None, threshold: float = 0.1) -> Reduction:
     """ToDRE stage 2 (relevance-driven token reduction, Sec. 4.2): drop every visual token once the instruction no

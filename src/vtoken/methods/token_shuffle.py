@@ -22,7 +22,11 @@ def _no_padding(mask: Tensor | None, method: str) -> None:
 
 @register("token_shuffle", paper=_PAPER, venue="arXiv 2025", repo=None, stage="pre_llm", kind="layout",
           signals=("grid",),
-          knob_ranges={"window": ">= 1"})
+          knob_ranges={"window": ">= 1"},
+          main_knobs=("window",),
+          knob_sources={
+              "window": "vtoken: None, from keep",
+          })
 def token_shuffle(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
                   grid: tuple[int, int] | None = None, window: int | None = None) -> Reduction:
     """Token-Shuffle (Ma et al., 2025): every ``s x s`` window of the ``grid = (H, W)`` becomes one token whose
@@ -70,7 +74,11 @@ def token_shuffle(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
 
 @register("token_unshuffle", paper=_PAPER, venue="arXiv 2025", repo=None, stage="pre_llm", kind="layout",
           signals=("grid",), needs_keep=False,
-          knob_ranges={"window": ">= 1"})
+          knob_ranges={"window": ">= 1"},
+          main_knobs=("window",),
+          knob_sources={
+              "window": "vtoken: required, the window token_shuffle used",
+          })
 def token_unshuffle(tokens: Tensor, counts: Tensor | None = None, *, mask: Tensor | None = None,
                     grid: tuple[int, int] | None = None, window: int | None = None) -> Reduction:
     """Token-Unshuffle (Ma et al., 2025), the exact inverse of ``token_shuffle``: ``tokens [B, M, s^2 D]`` on the

@@ -50,7 +50,13 @@ def finish(state: MergeState, tokens: Tensor, extras: dict) -> Reduction:
           signal_spec={"sizes": SignalSpec(proportional_attention=True)},
           knob_ranges={"r": ">= 1"},
           knob_rules=[("distill_token=True needs class_token=True (DeiT layout [CLS, DIST, patches])",
-                       lambda distill_token, class_token: class_token or not distill_token)])
+                       lambda distill_token, class_token: class_token or not distill_token)],
+          main_knobs=("r",),
+          knob_sources={
+              "class_token": "vtoken: tokens without a CLS row (official class_token); the ViT adapter passes True",
+              "distill_token": "official code: False (DeiT's distillation token off)",
+              "r": "vtoken: None, unlimited per round so keep sets the count; the official code takes r per layer",
+          })
 def tome(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, keys: Tensor | None = None,
          sizes: Tensor | None = None, class_token: bool = False, distill_token: bool = False,
          r: int | Sequence[int] | None = None) -> Reduction:

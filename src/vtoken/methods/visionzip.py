@@ -56,7 +56,12 @@ def _first_argmax(x: Tensor) -> Tensor:
                                                "attention scale")},
           knob_ranges={"contextual": ">= 0"},
           knob_rules=[("contextual is an int count >= 0 or a float ratio of keep in [0, 1]",
-                       lambda contextual: isinstance(contextual, int) or contextual <= 1.0)])
+                       lambda contextual: isinstance(contextual, int) or contextual <= 1.0)],
+          main_knobs=("contextual",),
+          knob_sources={
+              "contextual": "paper: 10 contextual tokens for 64 kept (54 + 10, the README's setting), as a ratio of "
+                            "keep",
+          })
 def visionzip(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn: Tensor | None = None,
               keys: Tensor | None = None, contextual: int | float = PAPER_CONTEXTUAL_RATIO) -> Reduction:
     """Keep the dominant patches by [CLS] attention and merge the rest into a few contextual tokens.

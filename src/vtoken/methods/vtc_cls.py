@@ -19,7 +19,13 @@ from .registry import SignalSpec, register
           signals=("cls_attn_layers",), parity=True, fixture="vtc_cls",
           signal_spec={"cls_attn_layers": SignalSpec(layers="all", heads="mean",
                                                       note="every vision layer, shallow to deep; the method "
-                                                           "slices [start_layer:end_layer]")})
+                                                           "slices [start_layer:end_layer]")},
+          main_knobs=("start_layer",),
+          knob_sources={
+              "start_layer": "official scripts: --layer 16 of CLIP-L's 24 layers (model_vqa_loader.py), i.e. 2L/3 "
+                             "at any depth",
+              "end_layer": "official code: attentions[start_layer:-1], the last layer excluded",
+          })
 def vtc_cls(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_attn_layers: Tensor | None = None,
             start_layer: int | None = None, end_layer: int | None = -1) -> Reduction:
     """Keep the ``counts[b]`` patches with the highest [CLS] attention summed over a range of vision layers.
@@ -27,13 +33,14 @@ def vtc_cls(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_a
     ``tokens [B, N, D]`` are the patch features (CLS removed); ``cls_attn_layers [B, L, N]`` holds the head-mean CLS
     attention of every vision layer, shallow to deep. The score of a patch is the sum of its per-layer scores over
     ``cls_attn_layers[:, start_layer:end_layer]``; the official code uses ``attentions[start_layer:-1]``, i.e. the
-    last layer is excluded (``end_layer=-1``; ``None`` includes it). The default ``start_layer=None`` is ``L // 2``:
-    layers 12..22 of LLaVA-1.5's 24-layer CLIP ViT-L (the official code reads the start from the model config), and
-    the second half of any other tower. Output tokens are in positional order.
+    last layer is excluded (``end_layer=-1``; ``None`` includes it). The default ``start_layer=None`` is ``2L // 3``:
+    layers 16..22 of LLaVA-1.5's 24-layer CLIP ViT-L, as the official eval scripts' ``--layer 16``, and the same
+    share of any other tower (at most the last layer the slice reaches, so a shallow tower still sums one layer).
+    Output tokens are in positional order.
 
     Args:
-        start_layer: the first layer of ``cls_attn_layers`` whose CLS attention is summed (default None: ``L // 2``,
-            layer 12 of LLaVA-1.5's 24-layer CLIP). A Python slice start, so negative values count from the end.
+        start_layer: the first layer of ``cls_attn_layers`` whose CLS attention is summed (default None: ``2L // 3``,
+            layer 16 of LLaVA-1.5's 24-layer CLIP). A Python slice start, so negative values count from the end.
         end_layer: the slice end of the summed layers, exclusive (default -1: the last layer is excluded, as the
             official code). ``None`` includes the last layer.
 
@@ -43,7 +50,8 @@ def vtc_cls(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, cls_a
     a = float32(cls_attn_layers)
     if a.dim() != 3:
         raise ValueError(f"cls_attn_layers must have shape [B, L, N], got {tuple(a.shape)}")
-    start = a.shape[1] // 2 if start_layer is None else start_layer
+    depth = a.shape[1]
+    start = min(2 * depth // 3, max(len(range(depth)[:end_layer]) - 1, 0)) if start_layer is None else start_layer
     sel = a[:, start:end_layer]
     if sel.shape[1] == 0:
         raise ValueError(f"vtc_cls: start_layer={start}, end_layer={end_layer} select no layer of the L = {a.shape[1]} "

@@ -43,7 +43,7 @@ class Images:
         sample: ``[I]`` long, which batch row each image belongs to.
         grid: ``(H, W)`` of the token grid.
         project: maps vision-space tokens ``[I, K, C]`` to LLM space ``[I, K, D]``.
-        space: ``"vision"`` (before the projector) or ``"llm"``.
+        space: ``"vision"`` (before the projector) or ``"projected"`` (after it).
         mask: optional ``[I, N]`` bool when images have different token counts (padded; ``columns`` is ``-1`` on
             padding).
         extra: family-specific data (cached text embeddings, crop layout, ...).

@@ -85,7 +85,7 @@ def build_steps(method: Any, keep: int | float | None, kwargs: dict[str, Any]) -
             raise TypeError(f"{k!r} is a signal the model adapter collects itself; do not pass it to apply()")
         if not any(k in s.info.defaults for s in steps):
             raise TypeError(f"no method in {[s.info.name for s in steps]} accepts the argument {k!r}")
-    order = {"vision": 0, "llm": 1}
+    order = {"vision": 0, "projected": 1}
     return sorted(steps, key=lambda s: (STAGES.index(s.info.stage), order.get(s.space, 1)))
 
 
@@ -149,10 +149,10 @@ def follow(index: Tensor, slot: Tensor, red: Reduction, k_in: int) -> tuple[Tens
 
 
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
-              project: Callable[[Tensor], Tensor] | None = None, space: str = "llm",
+              project: Callable[[Tensor], Tensor] | None = None, space: str = "projected",
               mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None,
               run: StepRunner | None = None) -> Reduction:
-    """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"llm"`` after).
+    """Run ``steps`` on ``tokens [I, N, C]`` (in ``space``: ``"vision"`` before the projector, ``"projected"`` after).
 
     ``project`` maps vision-space tokens to the LLM space; it runs once, before the first LLM-space step (or at the
     end).
@@ -174,8 +174,8 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
     merged, sizes, history = False, None, []
     x, sig = tokens, dict(signals)
     for step in steps:
-        if step.space == "llm" and space == "vision":
-            x, space = to_llm(x, tokens, index, valid, project, exact), "llm"
+        if step.space == "projected" and space == "vision":
+            x, space = to_llm(x, tokens, index, valid, project, exact), "projected"
         if run is None:
             needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
             red = reduce(x, step.keep, step.info.name, mask=None if bool(valid.all()) else valid, **needed,

@@ -13,7 +13,7 @@ What vtoken does here:
 - Visual tokens are the merged tokens (``N_i = t * h * w / 4`` per image), in the raster order of the merged grid
   ``(t * h / 2, w / 2)`` (the ``grid`` signal; frames stacked vertically). Images of different sizes in one batch
   are padded (``Images.mask``); a pipeline that reads ``grid`` runs once per distinct grid instead.
-- Space: every method runs on the merged tokens, AFTER the merger (``Images.space == "llm"``). The merger's input
+- Space: every method runs on the merged tokens, AFTER the merger (``Images.space == "projected"``). The merger's input
   (four patch vectors per token) is per token, but its MLP is part of the 2 x 2 merge, so "vision space" methods
   (VisionZip, HiPrune, ...) also select / merge the merged tokens here. ``vision_features`` (MMTok's and ToDRE's
   second view) is the merger's input of each token: its four last-layer patch vectors concatenated ``[4 * C]``.
@@ -243,7 +243,7 @@ class Qwen2VLAdapter(Adapter):
         hidden = out.last_hidden_state.reshape(p // unit, -1)  # the merger's input per token, before ln_q
         extra: dict[str, Any] = {"grids": grids, "counts": n, "img": img, "local": local, "reverse": reverse,
                                  "p_img": p_img, "p_local": p_local, "unit": unit}
-        images = Images(tokens, columns, sample, common, lambda x: x, space="llm", mask=mask, extra=extra)
+        images = Images(tokens, columns, sample, common, lambda x: x, space="projected", mask=mask, extra=extra)
         extra["vision_features"] = self.to_tokens(hidden, images)
 
         pos = self._rope = self.rope_positions(kw, input_ids)
