@@ -75,10 +75,10 @@ class Signal:
     llm_embeds: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("float", "bool", "int", "pair"):
-            raise ValueError(f"a signal's kind is 'float', 'bool', 'int' or 'pair', got {self.kind!r}")
-        if (self.dims is None) != (self.kind == "pair"):
-            raise ValueError("only a 'pair' signal (grid) has no dims")
+        if self.kind not in ("float", "bool", "int", "pair", "triple"):
+            raise ValueError(f"a signal's kind is 'float', 'bool', 'int', 'pair' or 'triple', got {self.kind!r}")
+        if (self.dims is None) != (self.kind in ("pair", "triple")):
+            raise ValueError("only a 'pair' or 'triple' signal (grid, video_grid) has no dims")
 
     @property
     def token_axes(self) -> tuple[int, ...]:
@@ -119,7 +119,12 @@ CATALOGUE: dict[str, Signal] = {
                    "B T D", llm=True, llm_text=True, llm_embeds=True),
     "text_mask": Signal("[B, T] bool, True on real text tokens.", "B T", "bool", llm=True, llm_text=True),
     "grid": Signal("(H, W) ints with H * W == N: raster layout of the visual tokens.", None, "pair"),
+    "video_grid": Signal("(T, H, W) ints with T * H * W == N: the tokens are T frames of H x W tokens, frame by "
+                         "frame, each in raster order; in a batch a shorter clip is padded with whole masked frames "
+                         "at the end (its frame count is its valid tokens / (H * W)).", None, "triple"),
     "crop_ids": Signal("[B, N] long, which crop (0 = global view) each token comes from.", "B N", "int"),
+    "frame_features": Signal("[B, F, G] one global embedding per video frame (e.g. the vision tower's attention-"
+                             "pooling head output), frames in the order of video_grid's T (F == T).", "B F G"),
     "frame_ids": Signal("[B, N] long, which video frame each token comes from (non-decreasing).", "B N", "int"),
     "positions": Signal("[B, N] or [B, N, P] position ids of the tokens in the full sequence.", "B N | B N P", "int",
                         llm=True),
@@ -306,7 +311,7 @@ def check_mask(mask: Any, tokens: Tensor, *, name: str = "mask") -> Tensor | Non
     return mask
 
 
-def _grid(value: Any, n: int, where: str) -> tuple[int, int]:
+def _grid(value: Any, n: int, where: str, axes: str = "HW") -> tuple[int, ...]:
     def side(v: Any) -> int:
         if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool \
                 and not v.is_meta:
@@ -317,13 +322,17 @@ def _grid(value: Any, n: int, where: str) -> tuple[int, int]:
             raise TypeError
         return v
 
+    names, product = ", ".join(axes), " * ".join(axes)
     try:
-        h, w = (side(v) for v in value)
+        sides = tuple(side(v) for v in value)
+        if len(sides) != len(axes):
+            raise ValueError
     except (TypeError, ValueError):
-        raise TypeError(f"{where} must be a pair of ints (H, W) with H * W == N = {n}, got {value!r}") from None
-    if h < 1 or w < 1 or h * w != n:
-        raise ValueError(f"{where} must satisfy H * W == N = {n}, got {(h, w)}")
-    return h, w
+        count = "a pair of" if len(axes) == 2 else f"{len(axes)}"
+        raise TypeError(f"{where} must be {count} ints ({names}) with {product} == N = {n}, got {value!r}") from None
+    if min(sides) < 1 or math.prod(sides) != n:
+        raise ValueError(f"{where} must satisfy {product} == N = {n}, got {sides}")
+    return sides
 
 
 def _dims(symbols: tuple[str, ...], bound: dict[str, tuple[int, str]], name: str) -> str:
@@ -347,8 +356,8 @@ def check_signal(name: str, value: Any, tokens: Tensor, method: str, *,
     """
     b, n, d = tokens.shape
     where = f"signal {name!r} for method {method!r}"
-    if name == "grid":
-        return _grid(value, n, where)
+    if name in ("grid", "video_grid"):
+        return _grid(value, n, where, "HW" if name == "grid" else "THW")
     doc = SIGNALS.get(name, "")
     if not isinstance(value, Tensor):
         raise TypeError(f"{where} must be a torch.Tensor ({doc}), got {type(value).__name__}")

@@ -43,6 +43,12 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
     dev = tokens.device
     if name == "grid":
         return grid or grid_for(n)
+    if name == "frame_features":
+        frames = make_signal("video_grid", tokens)[0]
+        return x.reshape(b, frames, n // frames, d).mean(2)
+    if name == "video_grid":
+        frames = next(t for t in (8, 6, 4, 3, 2, 1) if n % t == 0)
+        return (frames, *grid_for(n // frames))
     if name == "cls_attn":
         return _saliency(tokens)
     if name == "attn_logits":

@@ -17,8 +17,9 @@ import vtoken
 from vtoken.core import resolve_keep
 from vtoken.synthetic import make_signals
 
-# layout methods (token_shuffle) accept only the keeps their window allows; tests/methods/test_layout.py covers them
-METHODS = [m.name for m in vtoken.methods() if m.needs_keep and m.kind != "layout"]
+# layout methods (token_shuffle) accept only the keeps their window allows; tests/methods/test_layout.py covers them;
+# methods on a clip's frame layout (video_grid) need whole frames: tests/methods/test_video_properties.py covers them
+METHODS = [m.name for m in vtoken.methods() if m.needs_keep and m.kind != "layout" and "video_grid" not in m.signals]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

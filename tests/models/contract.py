@@ -30,9 +30,14 @@ def attention_methods(adapter: Any, signals: frozenset[str] = ATTENTION_SIGNALS)
     return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and signals & set(m.signals)]
 
 
-def pre_llm_methods() -> set[str]:
-    """Methods a VLM family is expected to run: the pre-LLM and video stages, less layout methods."""
-    return {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"}
+VIDEO_SIGNALS = frozenset({"video_grid", "frame_features"})
+
+
+def pre_llm_methods(video: bool = False) -> set[str]:
+    """Methods a VLM family is expected to run: the pre-LLM and video stages, less layout methods, and less the
+    methods that need a video's frame layout (``VIDEO_SIGNALS``) unless the family takes videos (``video``)."""
+    return {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"
+            and (video or not VIDEO_SIGNALS & set(m.signals))}
 
 
 @torch.no_grad()

@@ -44,8 +44,8 @@ def inputs():
 
 
 def test_supported_methods_and_reasons():
-    expected = {m.name for m in vtoken.methods() if m.stage in ("pre_llm", "video") and m.kind != "layout"
-                and not {"cls_attn", "cls_attn_layers", "attn_logits"} & set(m.signals)}
+    expected = {name for name in contract.pre_llm_methods()
+                if not {"cls_attn", "cls_attn_layers", "attn_logits"} & set(get_method(name).signals)}
     assert expected | {"visionzip"} <= set(SUPPORTED)
     for name in ("hired", "prumerge", "prumerge_plus", "vtc_cls"):
         assert "no CLS token" in Idefics3Adapter.unsupported(get_method(name))

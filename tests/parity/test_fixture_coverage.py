@@ -12,12 +12,8 @@ from tests.parity.fixtures import fixtures_root
 HERE = Path(__file__).parent
 # fixture sets whose methods belong to later issues: the directory and the issue that implements it
 PENDING = {
-    "dycoke_ttm": "issue 13 (video): DyCoke temporal token merging",
-    "evs": "issue 13 (video): EVS, efficient video sampling",
-    "vidcom2": "issue 13 (video): VidCom2",
     "fastvid": "issue 13 (video): FastVID",
     "holitom": "issue 13 (video): HoliTom",
-    "sttm": "issue 13 (video): STTM",
     "framefusion": "issue 13 (video): FrameFusion",
     "pitome": "issue 15 (encoder stage in VLM towers): PiToMe",
     "dymu": "issue 15 (encoder stage in VLM towers): DyMU",
