@@ -58,6 +58,8 @@ def example(info: MethodInfo, dtype: torch.dtype = torch.float32, signal_dtype: 
         keep = 4  # a 2 x 2 window on the 4 x 4 grid
     elif info.name == "token_unshuffle":
         x, keep, extra = torch.randn(2, 4, 32, generator=g), None, {"window": 2, "grid": (2, 2)}
+    elif info.name == "fastvid":
+        extra = {"context_ratio": 1.0}  # 2 tokens a frame here: the default 0.4 leaves a frame no context token
     sig = {**make_signals(info, x, seed=seed), **extra}
     return x.to(dtype), keep, _cast(sig, signal_dtype)
 

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtoken
-from vtoken.core import resolve_keep
+from vtoken.core import SIGNAL_SHAPES, resolve_keep
+from vtoken.synthetic import make_signal
 
 VIDEO = [m.name for m in vtoken.methods() if "video_grid" in m.signals]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -39,8 +40,23 @@ def clips(draw):
     return x.to(dtype), mask, (t, h, w), keep
 
 
-def _reduce(name, x, mask, grid, keep):
-    return vtoken.reduce(x, keep, name, mask=mask, video_grid=grid)
+def _signals(name, x, grid):
+    """The method's tensor signals besides video_grid, synthetic; ``frame_features`` are the frames' mean tokens."""
+    t = grid[0]
+    return {s: x.float().reshape(x.shape[0], t, -1, x.shape[-1]).mean(2) if s == "frame_features"
+            else make_signal(s, x) for s in vtoken.get_method(name).signals if s != "video_grid"}
+
+
+def _clip(signals, i, f, p):
+    """Clip ``i``'s first ``f`` frames (of ``p`` tokens) of every signal (axes ``B``, ``N`` and ``F`` sliced)."""
+    cut = {"B": slice(i, i + 1), "N": slice(0, f * p), "F": slice(0, f)}
+    return {k: v[tuple(cut.get(s, slice(None)) for s in SIGNAL_SHAPES[k].dims.split("|")[0].split())]
+            for k, v in signals.items()}
+
+
+def _reduce(name, x, mask, grid, keep, signals=None):
+    signals = _signals(name, x, grid) if signals is None else signals
+    return vtoken.reduce(x, keep, name, mask=mask, video_grid=grid, **signals)
 
 
 def _fits(name: str, x, mask, grid, keep) -> bool:
@@ -94,9 +110,10 @@ def test_batch_equals_each_clip_alone_and_is_deterministic(name, problem):
     assert torch.equal(red.indices, again.indices) and torch.equal(red.tokens, again.tokens)
     _t, h, w = grid
     p = h * w
+    sig = _signals(name, x, grid)
     for i in range(x.shape[0]):
         f = int(mask[i].sum()) // p
-        one = vtoken.reduce(x[i:i + 1, : f * p], keep, name, video_grid=(f, h, w))
+        one = _reduce(name, x[i:i + 1, : f * p], None, (f, h, w), keep, _clip(sig, i, f, p))
         k = int(red.mask[i].sum())
         assert red.indices[i, :k].tolist() == one.indices[0].tolist(), f"clip {i}"
         tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -106,11 +123,12 @@ def test_batch_equals_each_clip_alone_and_is_deterministic(name, problem):
 @pytest.mark.parametrize("name", VIDEO)
 def test_keep_all_is_the_identity_and_partial_frames_are_refused(name):
     x = torch.randn(2, 3 * 4, 5)
-    red = vtoken.reduce(x, 1.0, name, video_grid=(3, 2, 2))
+    sig = _signals(name, x, (3, 2, 2))
+    red = vtoken.reduce(x, 1.0, name, video_grid=(3, 2, 2), **sig)
     assert torch.equal(red.tokens, x)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 10:] = False  # frame 2 of clip 1 only half valid
     with pytest.raises(ValueError, match="whole frames"):
-        vtoken.reduce(x, 8, name, mask=mask, video_grid=(3, 2, 2))
+        vtoken.reduce(x, 8, name, mask=mask, video_grid=(3, 2, 2), **sig)
     with pytest.raises((TypeError, ValueError), match="video_grid"):
-        vtoken.reduce(x, 8, name, video_grid=(3, 2, 3))
+        vtoken.reduce(x, 8, name, video_grid=(3, 2, 3), **sig)

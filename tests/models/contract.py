@@ -19,18 +19,20 @@ ATTENTION_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn", "attn_logi
 Inputs = dict[str, Tensor]
 
 
-def supported(adapter: Any) -> list[str]:
-    """Every method the adapter class can run before the language model (``llm``-stage methods have their own checks
-    in ``tests/models/test_llm_stage.py``)."""
-    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and m.stage != "llm"]
+VIDEO_SIGNALS = frozenset({"video_grid", "frame_features"})
+
+
+def supported(adapter: Any, video: bool = False) -> list[str]:
+    """Every method the adapter class can run before the language model on images (``llm``-stage methods have their
+    own checks in ``tests/models/test_llm_stage.py``); with ``video``, the methods that need a video's frame layout
+    (:data:`VIDEO_SIGNALS`) instead."""
+    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and m.stage != "llm"
+            and bool(VIDEO_SIGNALS & set(m.signals)) == video]
 
 
 def attention_methods(adapter: Any, signals: frozenset[str] = ATTENTION_SIGNALS) -> list[str]:
     """The supported methods that need one of ``signals``."""
     return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and signals & set(m.signals)]
-
-
-VIDEO_SIGNALS = frozenset({"video_grid", "frame_features"})
 
 
 def pre_llm_methods(video: bool = False) -> set[str]:

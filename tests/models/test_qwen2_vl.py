@@ -46,7 +46,7 @@ def test_supported_methods_and_reasons():
                 and m.needs_keep and set(m.signals) <= Qwen2VLAdapter.provides
                 and not (CLS_SIGNALS & set(m.signals))} | {  # methods that declare a [CLS] fallback
         m.name for m in vtoken.methods() if any(spec.without_cls for spec in m.signal_spec.values())}
-    assert set(SUPPORTED) == expected
+    assert set(SUPPORTED) | set(contract.supported(Qwen2VLAdapter, video=True)) == expected
     assert {"visionzip", "hiprune", "divprune", "cdpruner", "mmtok", "aim_merge"} <= set(SUPPORTED)
     for name in ("vtc_cls", "hired", "prumerge", "prumerge_plus"):
         why = Qwen25VLAdapter.unsupported(get_method(name))
@@ -324,8 +324,8 @@ def test_labels_are_compacted(models, inputs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_only_and_video_prompts(models, family):
-    """A text-only prompt after an image prompt and a prompt with a video and an image behave as unpatched (videos
-    are kept; the image is reduced)."""
+    """A text-only prompt after an image prompt and a prompt with a video and an image behave as unpatched; an image
+    method reduces the image and every frame of the video (keep per frame)."""
     model = models[family]
     g = torch.Generator().manual_seed(5)
     text = {"input_ids": torch.randint(1, 200, (2, 7), generator=g),
@@ -346,8 +346,9 @@ def test_text_only_and_video_prompts(models, family):
         assert torch.equal(model.generate(**text, **GEN), gen_text)
         assert torch.equal(logits(model, text), ref_text)
         out = logits(model, video)
-        assert out.shape[1] == video_ids.shape[1] - 2  # 4 image tokens -> 2; the 8 video tokens stay
+        assert out.shape[1] == video_ids.shape[1] - 2 - 4  # 4 image tokens -> 2; 2 frames of 4 video tokens -> 2 + 2
         assert handle.last.mask.sum().item() == 2
+        assert handle.video.extras["frame_counts"].tolist() == [[2, 2]]
 
 
 def test_two_models_side_by_side(inputs):

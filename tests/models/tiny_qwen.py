@@ -89,3 +89,50 @@ def sample_inputs(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Te
     one = unpadded_ids(inputs, b)
     return {"input_ids": one, "mm_token_type_ids": (one == IMAGE_TOKEN).int(), "pixel_values": pixels,
             "image_grid_thw": grids}
+
+
+Inputs = dict[str, torch.Tensor]
+#: a media item of :func:`qwen_media_inputs`: ``("image", (h, w))`` or ``("video", (t, h, w))`` in patches
+Media = tuple[str, tuple[int, ...]]
+
+
+def qwen_media_inputs(samples: list[list[Media]], lengths: list[tuple[int, int]], seed: int = 0,
+                      seconds: list[float] | None = None) -> tuple[Inputs, list[Inputs]]:
+    """Left-padded inputs of samples holding images and videos, and each sample alone (unpadded, its own pixels).
+
+    Sample ``b`` is ``prefix`` text, its media in order (each ``<start><pad> x (t * h * w / 4)<end>``, ``<image>`` or
+    ``<video>`` pads) and ``suffix`` text (``lengths[b]``). Videos have ``t`` temporal patches of ``h x w`` patches;
+    ``seconds`` (per video, in order) become ``second_per_grid_ts`` (Qwen2.5-VL's M-RoPE time scale)."""
+    g = torch.Generator().manual_seed(seed)
+    alone, secs = [], iter(seconds or [])
+    for media, (p, s) in zip(samples, lengths, strict=True):
+        parts = [text_tokens(p, g)]
+        pix: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
+        thw: dict[str, list[list[int]]] = {"image": [], "video": []}
+        sec: list[float] = []
+        for kind, size in media:
+            t, h, w = (1, *size) if kind == "image" else size
+            pad = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
+            parts += [torch.tensor([VISION_START]), torch.full((t * h * w // 4,), pad), torch.tensor([VISION_END])]
+            pix[kind].append(torch.randn(t * h * w, PIXELS, generator=g))
+            thw[kind].append([t, h, w])
+            if kind == "video" and seconds is not None:
+                sec.append(next(secs))
+        parts.append(text_tokens(s, g))
+        ids = torch.cat(parts)[None]
+        one = {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()}
+        if pix["image"]:
+            one["pixel_values"], one["image_grid_thw"] = torch.cat(pix["image"]), torch.tensor(thw["image"])
+        if pix["video"]:
+            one["pixel_values_videos"], one["video_grid_thw"] = torch.cat(pix["video"]), torch.tensor(thw["video"])
+            if seconds is not None:
+                one["second_per_grid_ts"] = torch.tensor(sec)
+        alone.append(one)
+    ids, mask = left_pad([a["input_ids"][0] for a in alone])
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        got = [a[key] for a in alone if key in a]
+        if got:
+            batch[key] = torch.cat(got)
+    return batch, alone

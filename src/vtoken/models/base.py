@@ -27,6 +27,7 @@ from .hf import cache_of, cached_length, padding_mask
 from .llm import LLM_SIGNALS, DecoderPruner
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
+from .video import VIDEO_SIGNALS, check_video_steps, place_tokens, reduce_clips
 
 #: signals that only a [CLS] query row gives (a view of the catalogue; towers without one run the method's declared
 #: fallback, ``SignalSpec.without_cls``, or cannot run it)
@@ -86,6 +87,8 @@ class Handle:
         #: ``(method, keep, kwargs)`` as given to :func:`vtoken.apply` (to patch a copy the same way)
         self.recipe = recipe
         self.last: Reduction | None = None
+        #: the videos' reduction of the latest prefill (one row per clip, ``extras["frame_counts"]``), or ``None``
+        self.video: Reduction | None = None
         self.active = False
 
     @property
@@ -166,7 +169,10 @@ class Adapter:
     def __init__(self, model: nn.Module, steps: list[Step]) -> None:
         self.model = model
         #: the steps run on the visual tokens before the language model; ``llm_steps`` run inside it
-        self.steps = [s for s in steps if s.info.stage != "llm"]
+        #: steps on videos: image methods per frame, then video methods per clip (:mod:`vtoken.models.video`)
+        self.video_steps = check_video_steps([s for s in steps if s.info.stage != "llm"])
+        #: steps on images: every pre-LLM step that does not need a video's frame layout
+        self.steps = [s for s in self.video_steps if not VIDEO_SIGNALS & set(s.info.signals)]
         self.llm_steps = [s for s in steps if s.info.stage == "llm"]
         self.llm: DecoderPruner | None = None
         self.handle: Handle | None = None
@@ -251,7 +257,7 @@ class Adapter:
     def wanted_layers(self) -> list[int]:
         """Vision layers whose q/k the steps need."""
         layers: set[int] = set()
-        for step in self.steps:
+        for step in self.video_steps:
             for name in (*step.info.signals, *step.info.optional_signals):
                 if self.has_cls or name not in CLS_SIGNALS:
                     layers.update(self.signal_layers(step.info, name))
@@ -348,7 +354,8 @@ class Adapter:
             raise ValueError("vtoken encodes images itself (to collect signals); pass pixel values, not "
                              "mm_encoder_outputs, to a model patched by vtoken.apply")
         kw.pop("mm_encoder_outputs", None)
-        if kw.get(self.image_key()) is None:
+        video = self.video_key()
+        if kw.get(self.image_key()) is None and (video is None or kw.get(video) is None):
             return self._original(**self.decode_inputs(kw))
         if kw.get("input_ids") is not None:
             kw["attention_mask"] = padding_mask(kw.get("attention_mask"), kw["input_ids"].shape[1])
@@ -372,7 +379,7 @@ class Adapter:
             if self.llm is not None:
                 self.llm.reset()
             if self.handle is not None:
-                self.handle.last = None
+                self.handle.last = self.handle.video = None
             return kw
         if state is None:
             return kw
@@ -395,30 +402,80 @@ class Adapter:
 
     def reduce_prefill(self, kw: dict[str, Any]) -> tuple[Tensor, Images, Reduction]:
         """Encode a prefill's images, collect the signals and run the pipeline: ``(input_ids, images, reduction)``."""
-        input_ids = kw.get("input_ids")
-        if input_ids is None:
-            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images, to find the "
-                             "image placeholder tokens")
+        input_ids = kw["input_ids"]
         images = self.encode(kw)
         self._images = images
         signals = self.collect_signals(images, kw)
         return input_ids, images, self.reduce_images(images, signals)
 
     def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        input_ids, images, red = self.reduce_prefill(kw)
+        """A prefill with images and / or videos: reduce each, write the kept tokens into the input embeddings, mark
+        the removed placeholder columns, and splice. ``handle.last`` is the images' reduction (the videos' on a prefill
+        with videos only), ``handle.video`` the videos' (``None`` without videos)."""
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtoken needs input_ids (not only inputs_embeds) on a call with images or videos, to find "
+                             "the placeholder tokens")
+        assert self.handle is not None
+        embeds = self.model.get_input_embeddings()(input_ids).clone()
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        self.handle.last = self.handle.video = None
+        if kw.get(self.image_key()) is not None:
+            self.place_images(kw, input_ids, embeds, keep)
+        key = self.video_key()
+        if key is not None and kw.get(key) is not None:
+            clips = self.encode_videos(kw)
+            video = self.reduce_videos(clips, kw)
+            place_tokens(embeds, keep, clips.columns, clips.sample, video)
+            self.handle.video = video
+            if self.handle.last is None:
+                self.handle.last, self._images = video, clips
+        return self.splice(kw, input_ids, embeds, keep)
+
+    def place_images(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> None:
+        """Reduce the prefill's images and write them in place: kept tokens into ``embeds [B, L, D]`` at their
+        placeholders, removed placeholders False in ``keep [B, L]``; sets ``handle.last``. Families whose images
+        carry more than tokens (newline rows) override it."""
+        _, images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         self.handle.last = red
-        embeds = self.model.get_input_embeddings()(input_ids)
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        real = images.columns >= 0
-        image_rows = images.sample[:, None].expand_as(images.columns)
-        keep[image_rows[real], images.columns[real]] = False
-        rows = images.sample[:, None].expand_as(red.indices)[red.mask]
-        cols = images.columns.gather(1, red.indices.clamp(min=0))[red.mask]
-        keep[rows, cols] = True
-        embeds = embeds.clone()
-        embeds[rows, cols] = red.tokens[red.mask].to(embeds.dtype)
-        return self.splice(kw, input_ids, embeds, keep)
+        place_tokens(embeds, keep, images.columns, images.sample, red)
+
+    # ---- videos -----------------------------------------------------------------------------------------------
+    def video_key(self) -> str | None:
+        """The forward argument holding video pixels (``None``: the family takes no videos)."""
+        return None
+
+    def encode_videos(self, kw: dict[str, Any]) -> Images:
+        """The prefill's videos as clips: ``tokens [V, N, D]`` (LLM space, frame-major, each frame in raster order;
+        shorter clips padded with whole frames), ``columns`` / ``sample`` / ``mask`` as for images, and
+        ``extra["video_grids"] [V, 3]`` long, each clip's ``(T, H, W)``. Video families implement it."""
+        raise NotImplementedError
+
+    def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
+        """One signal for the clips, ``[V, N, ...]`` over their padded tokens (``video_grid`` and ``frame_ids`` are
+        built by :func:`vtoken.models.video.reduce_clips`); families add attention or frame signals."""
+        if name == "text":
+            return self.text_embeddings(kw, clips)[0]
+        if name == "text_mask":
+            return self.text_embeddings(kw, clips)[1]
+        return None
+
+    def reduce_videos(self, clips: Images, kw: dict[str, Any]) -> Reduction:
+        """Run the pipeline on the clips: image methods per frame (``keep`` per frame), video methods per clip
+        (``keep`` is the clip's budget); one row per clip, ``extras["frame_counts"] [V, T]``."""
+        signals: dict[str, Any] = {}
+        for step in self.video_steps:
+            for name in (*step.info.signals, *step.info.optional_signals):
+                if name in signals or name in ("video_grid", "frame_ids", "grid"):
+                    continue
+                value = self.video_signal(name, step.info, clips, kw)
+                if value is not None:
+                    signals[name] = value
+                elif name in step.info.signals:
+                    raise ValueError(f"{self.family} could not provide the signal {name!r} that {step.info.name!r} "
+                                     "needs on videos")
+        return reduce_clips(self.video_steps, clips.tokens, clips.extra["video_grids"], signals)
 
     def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
         """Run the method pipeline on ``images.tokens`` -> a :class:`Reduction` with one row per image (indices into

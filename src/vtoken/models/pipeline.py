@@ -91,10 +91,10 @@ def build_steps(method: Any, keep: int | float | None, kwargs: dict[str, Any]) -
 
 def gather_signal(name: str, value: Any, red: Reduction) -> Any:
     """Signal ``value`` of the inputs of ``red`` -> the same signal for its outputs: per-token signals
-    (:data:`TOKEN_DIM`) are gathered at ``red.indices`` (``attn [I, N, N]`` on both token dims), ``grid`` no longer
-    applies (``None``), anything else passes through."""
-    if name == "grid" or not isinstance(value, Tensor):
-        return None if name == "grid" else value
+    (:data:`TOKEN_DIM`) are gathered at ``red.indices`` (``attn [I, N, N]`` on both token dims), ``grid``
+    and ``video_grid`` no longer apply (``None``), anything else passes through."""
+    if name in ("grid", "video_grid") or not isinstance(value, Tensor):
+        return None if name in ("grid", "video_grid") else value
     if name == "attn":
         rows = gather_rows(value, red.indices, red.mask)
         return gather_rows(rows.transpose(1, 2), red.indices, red.mask).transpose(1, 2)
@@ -148,6 +148,13 @@ def follow(index: Tensor, slot: Tensor, red: Reduction, k_in: int) -> tuple[Tens
     return index, slot
 
 
+def run_one(step: Step, x: Tensor, valid: Tensor, signals: dict[str, Any]) -> Reduction:
+    """:func:`vtoken.reduce` of one step on ``x [I, M, C]`` (``valid [I, M]``) with the signals its method reads."""
+    info = step.info
+    needed = {k: signals[k] for k in (*info.signals, *info.optional_signals) if signals.get(k) is not None}
+    return reduce(x, step.keep, info.name, mask=None if bool(valid.all()) else valid, **needed, **step.kwargs)
+
+
 def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
               project: Callable[[Tensor], Tensor] | None = None, space: str = "projected",
               mask: Tensor | None = None, exact: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -176,12 +183,7 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
     for step in steps:
         if step.space == "projected" and space == "vision":
             x, space = to_llm(x, tokens, index, valid, project, exact), "projected"
-        if run is None:
-            needed = {k: sig[k] for k in (*step.info.signals, *step.info.optional_signals) if sig.get(k) is not None}
-            red = reduce(x, step.keep, step.info.name, mask=None if bool(valid.all()) else valid, **needed,
-                         **step.kwargs)
-        else:
-            red = run(step, x, valid, index, sig)
+        red = run_one(step, x, valid, sig) if run is None else run(step, x, valid, index, sig)
         history.append(red)
         index, slot = follow(index, slot, red, x.shape[1])
         merged |= red.assign is not None
@@ -194,3 +196,60 @@ def run_steps(steps: Sequence[Step], tokens: Tensor, signals: dict[str, Any],
     if space == "vision" and project is not None:
         x = to_llm(x, tokens, index, valid, project, exact)
     return Reduction(x, index, valid, slot if merged else None, sizes, {"steps": history})
+
+
+def _empty(rows: int, like: Reduction) -> Reduction:
+    """A reduction that keeps nothing of ``rows`` rows (views whose share of ``keep`` is 0)."""
+    dev = like.indices.device
+    return Reduction(like.tokens.new_zeros(rows, 0, like.tokens.shape[-1]),
+                     torch.zeros(rows, 0, dtype=torch.long, device=dev),
+                     torch.zeros(rows, 0, dtype=torch.bool, device=dev))
+
+
+def stack_reductions(parts: Sequence[tuple[Tensor, Reduction | None]], total: int,
+                     width: int | None = None) -> Reduction:
+    """Reductions of disjoint row subsets ``(rows [r], Reduction [r, K_p])`` -> one ``Reduction`` of ``total`` rows,
+    padded to the widest ``K_p`` (rows of no part keep nothing; so does a part given as ``None``).
+
+    ``sizes`` of parts without them are their mask. ``assign`` (when any part merges; a pruning part's is the inverse
+    of its indices, :func:`~vtoken.models.pipeline.slot_map`) is ``[total, width]``: ``width`` is the parts' input
+    count when given, else the widest ``assign`` or largest kept index + 1. ``extras["steps"]`` stacks the parts'
+    per-step reductions the same way (with ``width``: step 0 reads ``width`` inputs, step ``i`` the widest output of
+    step ``i - 1``).
+    """
+    ref = next(r for _, r in parts if r is not None)
+    parts = [(rows, r if r is not None else _empty(len(rows), ref)) for rows, r in parts]
+    k = max(r.indices.shape[1] for _, r in parts)
+    dev, dt = ref.tokens.device, ref.tokens.dtype
+    tokens = torch.zeros(total, k, ref.tokens.shape[-1], dtype=dt, device=dev)
+    indices = torch.full((total, k), -1, dtype=torch.long, device=dev)
+    mask = torch.zeros(total, k, dtype=torch.bool, device=dev)
+    merged = any(r.assign is not None for _, r in parts)
+    sized = any(r.sizes is not None for _, r in parts)
+    n_in = width if width is not None else max(
+        (r.assign.shape[1] if r.assign is not None else int(r.indices.max()) + 1 if r.indices.numel() else 0)
+        for _, r in parts)
+    assign = torch.full((total, n_in), -1, dtype=torch.long, device=dev) if merged else None
+    sizes = torch.zeros(total, k, dtype=torch.float32, device=dev) if sized else None
+    for rows, r in parts:
+        kk = r.indices.shape[1]
+        tokens[rows, :kk] = r.tokens
+        indices[rows, :kk] = r.indices
+        mask[rows, :kk] = r.mask
+        if assign is not None:
+            a = slot_map(r, n_in)
+            assign[rows, : a.shape[1]] = a
+        if sizes is not None:
+            sizes[rows, :kk] = r.sizes.float() if r.sizes is not None else r.mask.float()
+    extras: dict[str, Any] = {}
+    steps = [p.extras.get("steps") for _, p in parts]
+    depth = max((len(s) for s in steps if s is not None), default=0)
+    if depth and all(s is None or len(s) == depth for s in steps):
+        stacked, step_width = [], width
+        for i in range(depth):
+            stacked.append(stack_reductions([(rows, s[i] if s is not None else None)
+                                             for (rows, _), s in zip(parts, steps, strict=True)], total, step_width))
+            if width is not None:
+                step_width = max(s[i].tokens.shape[1] for s in steps if s is not None)
+        extras["steps"] = stacked
+    return Reduction(tokens, indices, mask, assign, sizes, extras)

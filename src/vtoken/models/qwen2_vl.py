@@ -35,7 +35,11 @@ What vtoken does here:
   ``[4, B, L]`` text row + 3-D, or ``get_rope_index`` on the original sequence); ``model.model.rope_deltas`` is set as
   the unpatched model sets it, and decode steps continue at ``max(original ids) + 1 + step`` (the unpatched model's
   rule), not at the compacted length.
-- Videos are not reduced: a prompt with images and videos gets the video features at their placeholders (kept).
+- Videos (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``) go through the same tower call and
+  are reduced as clips (:mod:`vtoken.models.video`): ``video_grid = (t, h / 2, w / 2)``, one frame per temporal patch
+  (``temporal_patch_size`` input frames), in the merger's order. Attention statistics are recomputed within each
+  frame's attention segment. Kept video tokens keep their original ``(t, h, w)`` ids (``t`` scaled by
+  ``second_per_grid_ts * tokens_per_second`` on Qwen2.5-VL), so ``rope_deltas`` are the unpatched model's.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ from ..methods import MethodInfo
 from .base import Adapter, Images
 from .capture import QKCapture, QKLayer
 from .hf import cache_of, cached_length
-from .pipeline import TOKEN_DIM, run_steps
-from .views import stack_reductions
+from .pipeline import run_steps, stack_reductions
+from .video import select_rows
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -122,23 +126,13 @@ class QwenCapture(QKCapture):
         return hook
 
 
-def _select(name: str, value: Any, rows: Tensor, n: int) -> Any:
-    """Signal ``value`` of the images ``rows``, cut to their ``n`` tokens."""
-    if not isinstance(value, Tensor):
-        return value
-    value = value[rows]
-    if name == "attn":
-        return value[:, :n, :n]
-    dim = TOKEN_DIM.get(name)
-    return value if dim is None else value.narrow(dim, 0, n)
-
-
 class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: merged 2 x 2 patch tokens, M-RoPE positions, full attention (per frame) in every vision block."""
 
     family = "qwen2_vl"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
     provides = frozenset({"cls_attn", "attn_received_layers", "keys", "vision_features", "text", "text_mask", "grid",
+                          "video_grid", "frame_ids",
                           "positions"})
     #: the block whose output the merger reads (the last); also where a spec's ``feature_layer`` -2 reads
     default_layer: ClassVar[int] = -1
@@ -199,15 +193,29 @@ class Qwen2VLAdapter(Adapter):
 
     # ---- encoding ---------------------------------------------------------------------------------------------
     def encode(self, kw: dict[str, Any]) -> Images:
-        grid_thw = kw.get("image_grid_thw")
+        return self.encode_media(kw, "pixel_values", "image_grid_thw", self.model.config.image_token_id, "image")
+
+    def video_key(self) -> str | None:
+        return "pixel_values_videos"
+
+    def encode_videos(self, kw: dict[str, Any]) -> Images:
+        """Videos as clips: ``video_grid_thw`` ``(t, h, w)`` gives ``T = t`` frames (temporal patches of
+        ``temporal_patch_size`` frames) of ``h / 2 x w / 2`` merged tokens, the order the merger emits them."""
+        return self.encode_media(kw, "pixel_values_videos", "video_grid_thw", self.model.config.video_token_id,
+                                 "video")
+
+    def encode_media(self, kw: dict[str, Any], pixels: str, grid_key: str, token_id: int, kind: str) -> Images:
+        """Images or videos through the vision tower (signals recorded): tokens in the merger's order (raster per
+        frame, frame by frame), placeholder columns, and what the signals need."""
+        grid_thw = kw.get(grid_key)
         if grid_thw is None:
-            raise ValueError(f"{self.family} adapter: image_grid_thw is required with pixel_values")
+            raise ValueError(f"{self.family} adapter: {grid_key} is required with {pixels}")
         visual = self.visual
         unit = visual.spatial_merge_size ** 2
         assert self.capture is not None
         with self.capture.recording():
-            out = visual(kw["pixel_values"].type(visual.dtype), grid_thw=grid_thw)
-        merged = out.pooler_output  # [S, D], raster order per image
+            out = visual(kw[pixels].type(visual.dtype), grid_thw=grid_thw)
+        merged = out.pooler_output  # [S, D], raster order per image / frame
         dev = merged.device
         grid_thw = grid_thw.to(dev)
         n = (grid_thw.prod(-1) // unit).long()  # [I] merged tokens per image
@@ -217,13 +225,13 @@ class Qwen2VLAdapter(Adapter):
         local = torch.arange(img.numel(), device=dev) - start[img]
 
         input_ids = kw["input_ids"]
-        rows, cols = (input_ids == self.model.config.image_token_id).nonzero(as_tuple=True)
+        rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
         if rows.numel() != merged.shape[0]:
-            raise ValueError(f"{self.family} adapter: the prompt has {rows.numel()} image tokens but image_grid_thw "
+            raise ValueError(f"{self.family} adapter: the prompt has {rows.numel()} {kind} tokens but {grid_key} "
                              f"gives {merged.shape[0]} merged tokens")
         sample = rows[start]
         if not bool((rows == sample[img]).all()):
-            raise ValueError(f"{self.family} adapter: an image's placeholder tokens span two samples")
+            raise ValueError(f"{self.family} adapter: a {kind}'s placeholder tokens span two samples")
         tokens = merged.new_zeros(n_img, nmax, merged.shape[-1])
         tokens[img, local] = merged
         columns = torch.full((n_img, nmax), -1, dtype=torch.long, device=dev)
@@ -242,11 +250,15 @@ class Qwen2VLAdapter(Adapter):
         p_local = torch.arange(p, device=dev) - (torch.cumsum(n * unit, 0) - n * unit)[p_img]
         hidden = out.last_hidden_state.reshape(p // unit, -1)  # the merger's input per token, before ln_q
         extra: dict[str, Any] = {"grids": grids, "counts": n, "img": img, "local": local, "reverse": reverse,
-                                 "p_img": p_img, "p_local": p_local, "unit": unit}
+                                 "p_img": p_img, "p_local": p_local, "unit": unit,
+                                 "video_grids": torch.stack([grid_thw[:, 0], grid_thw[:, 1] // m,
+                                                             grid_thw[:, 2] // m], dim=1)}
         images = Images(tokens, columns, sample, common, lambda x: x, space="projected", mask=mask, extra=extra)
         extra["vision_features"] = self.to_tokens(hidden, images)
 
-        pos = self._rope = self.rope_positions(kw, input_ids)
+        if self._rope is None:
+            self._rope = self.rope_positions(kw, input_ids)
+        pos = self._rope
         rope = pos[-3:] if pos.dim() == 3 else pos[None].expand(3, -1, -1)
         extra["positions"] = rope.permute(1, 2, 0)[sample[:, None], columns.clamp(min=0)].masked_fill(
             (columns < 0)[..., None], 0)  # [I, N, 3]
@@ -330,6 +342,13 @@ class Qwen2VLAdapter(Adapter):
             return images.extra["positions"]
         return super().signal(name, info, images, kw)
 
+    def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
+        """As for images (the tower ran on the videos' frames): attention statistics within each frame's attention
+        segment, keys, the merger's input, the original M-RoPE ids."""
+        if name in ("text", "text_mask"):
+            return super().video_signal(name, info, clips, kw)
+        return self.signal(name, info, clips, kw)
+
     # ---- reduction and splicing -------------------------------------------------------------------------------
     def reduce_images(self, images: Images, signals: dict[str, Any]) -> Reduction:
         """One pipeline run on the padded images; when a method reads ``grid`` and the images' grids differ, one run
@@ -344,28 +363,23 @@ class Qwen2VLAdapter(Adapter):
             rows = (inverse == g).nonzero()[:, 0]
             h, w = (int(v) for v in keys[g])
             n = h * w
-            sig = {name: _select(name, v, rows, n) for name, v in signals.items()}
+            sig = {name: select_rows(name, v, rows, n) for name, v in signals.items()}
             sig["grid"] = (h, w)
             parts.append((rows, run_steps(self.steps, images.tokens[rows, :n], sig, images.project, images.space)))
         n_img, n_tok = images.tokens.shape[:2]
         # padded to the largest image; assign over its n_tok tokens, each step's over the previous step's outputs
         return stack_reductions(parts, n_img, width=n_tok)
 
+    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        self._rope = None  # computed once per prefill, by the first media encoded
+        return super().prefill_inputs(kw)
+
     def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
         kw = dict(kw)
-        if kw.get("pixel_values_videos") is not None:
-            feats = self.inner.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw")).pooler_output
-            feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
-            video = input_ids == self.model.config.video_token_id
-            if int(video.sum()) != feats.shape[0]:
-                raise ValueError(f"{self.family} adapter: the prompt has {int(video.sum())} video tokens but the "
-                                 f"videos give {feats.shape[0]} features")
-            embeds = embeds.clone()
-            embeds[video] = feats
         for name in ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             kw.pop(name, None)
         mm = kw.pop("mm_token_type_ids", None)
-        positions = self._rope
+        positions, self._rope = self._rope, None  # this prefill's; the next one computes its own
         assert positions is not None
         kw["position_ids"] = positions
         out = super().splice(kw, input_ids, embeds, keep)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..core import Reduction, gather_rows, reduction_from_indices
 from .base import ClsTowerAdapter, Images
-from .pipeline import Step, run_steps, slot_map
+from .pipeline import Step, run_steps, stack_reductions
 
 # ---------------------------------------------------------------------------------------------------------------
 # pixel-shuffle grids
@@ -88,63 +88,6 @@ def split_proportional(keep: int, weight: Tensor, image: Tensor, n_images: int) 
 # ---------------------------------------------------------------------------------------------------------------
 # stacking and folding reductions
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _empty(rows: int, like: Reduction) -> Reduction:
-    """A reduction that keeps nothing of ``rows`` rows (views whose share of ``keep`` is 0)."""
-    dev = like.indices.device
-    return Reduction(like.tokens.new_zeros(rows, 0, like.tokens.shape[-1]),
-                     torch.zeros(rows, 0, dtype=torch.long, device=dev),
-                     torch.zeros(rows, 0, dtype=torch.bool, device=dev))
-
-
-def stack_reductions(parts: Sequence[tuple[Tensor, Reduction | None]], total: int,
-                     width: int | None = None) -> Reduction:
-    """Reductions of disjoint row subsets ``(rows [r], Reduction [r, K_p])`` -> one ``Reduction`` of ``total`` rows,
-    padded to the widest ``K_p`` (rows of no part keep nothing; so does a part given as ``None``).
-
-    ``sizes`` of parts without them are their mask. ``assign`` (when any part merges; a pruning part's is the inverse
-    of its indices, :func:`~vtoken.models.pipeline.slot_map`) is ``[total, width]``: ``width`` is the parts' input
-    count when given, else the widest ``assign`` or largest kept index + 1. ``extras["steps"]`` stacks the parts'
-    per-step reductions the same way (with ``width``: step 0 reads ``width`` inputs, step ``i`` the widest output of
-    step ``i - 1``).
-    """
-    ref = next(r for _, r in parts if r is not None)
-    parts = [(rows, r if r is not None else _empty(len(rows), ref)) for rows, r in parts]
-    k = max(r.indices.shape[1] for _, r in parts)
-    dev, dt = ref.tokens.device, ref.tokens.dtype
-    tokens = torch.zeros(total, k, ref.tokens.shape[-1], dtype=dt, device=dev)
-    indices = torch.full((total, k), -1, dtype=torch.long, device=dev)
-    mask = torch.zeros(total, k, dtype=torch.bool, device=dev)
-    merged = any(r.assign is not None for _, r in parts)
-    sized = any(r.sizes is not None for _, r in parts)
-    n_in = width if width is not None else max(
-        (r.assign.shape[1] if r.assign is not None else int(r.indices.max()) + 1 if r.indices.numel() else 0)
-        for _, r in parts)
-    assign = torch.full((total, n_in), -1, dtype=torch.long, device=dev) if merged else None
-    sizes = torch.zeros(total, k, dtype=torch.float32, device=dev) if sized else None
-    for rows, r in parts:
-        kk = r.indices.shape[1]
-        tokens[rows, :kk] = r.tokens
-        indices[rows, :kk] = r.indices
-        mask[rows, :kk] = r.mask
-        if assign is not None:
-            a = slot_map(r, n_in)
-            assign[rows, : a.shape[1]] = a
-        if sizes is not None:
-            sizes[rows, :kk] = r.sizes.float() if r.sizes is not None else r.mask.float()
-    extras: dict[str, Any] = {}
-    steps = [p.extras.get("steps") for _, p in parts]
-    depth = max((len(s) for s in steps if s is not None), default=0)
-    if depth and all(s is None or len(s) == depth for s in steps):
-        stacked, step_width = [], width
-        for i in range(depth):
-            stacked.append(stack_reductions([(rows, s[i] if s is not None else None)
-                                             for (rows, _), s in zip(parts, steps, strict=True)], total, step_width))
-            if width is not None:
-                step_width = max(s[i].tokens.shape[1] for s in steps if s is not None)
-        extras["steps"] = stacked
-    return Reduction(tokens, indices, mask, assign, sizes, extras)
 
 
 def fold_rows(red: Reduction, image: Tensor, src: Tensor, n_images: int, width: int,
