@@ -16,9 +16,12 @@ from torch import Tensor, nn
 import vtoken
 from tests.models import contract
 from tests.models.contract import kept_rows, logits
+from tests.models.tiny_onevision import onevision_media_inputs, tiny_onevision
 from tests.models.tiny_qwen import TINY as QWEN
 from tests.models.tiny_qwen import VIDEO_TOKEN as QWEN_VIDEO
 from tests.models.tiny_qwen import VISION_START, qwen_media_inputs
+from vtoken.methods import get_method
+from vtoken.models import families_supporting
 from vtoken.models.qwen2_vl import Qwen2VLAdapter
 
 GEN = {"max_new_tokens": 2, "do_sample": False}
@@ -27,19 +30,17 @@ Inputs = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class VideoFamily:
-    """What the contract needs of a family: a builder, a mixed image + video batch with each sample alone, and the
-    model's own visual features and original positions (for the hand-built reference)."""
+    """What the contract needs of a family: a builder, a batch mixing images and clips with each sample alone, the
+    model's own input embeddings with every visual feature at its placeholder and the original position ids (for the
+    hand-built reference: ``(embeds [B, L, D], fn (b, columns) -> ids or None for 1-D columns)``)."""
 
     build: Callable[..., nn.Module]
-    inputs: Callable[[], tuple[Inputs, list[Inputs]]]
-    adapter: Any
-    #: (model, inputs) -> (embeddings with every image / video feature at its placeholder [B, L, D], video columns
-    #: [B, L] bool, image columns [B, L] bool, position ids fn (b, columns) -> the ids the LM gets for those columns)
-    reference: Callable[[nn.Module, Inputs], tuple[Tensor, Tensor, Tensor, Callable[[int, Tensor], Tensor]]]
+    inputs: Callable[[nn.Module], tuple[Inputs, list[Inputs]]]
+    reference: Callable[[nn.Module, Inputs], tuple[Tensor, Callable[[int, Tensor], Tensor] | None]]
 
 
-def _qwen_inputs(seconds: bool) -> Callable[[], tuple[Inputs, list[Inputs]]]:
-    def make() -> tuple[Inputs, list[Inputs]]:
+def _qwen_inputs(seconds: bool) -> Callable[[nn.Module], tuple[Inputs, list[Inputs]]]:
+    def make(_model: nn.Module) -> tuple[Inputs, list[Inputs]]:
         # clips of 4, 3 and 2 frames (T = temporal patches), two frame sizes (2 x 2 and 2 x 4 merged tokens), one
         # sample with an image before its video, left padding, different prompts
         return qwen_media_inputs([[("video", (4, 4, 4))], [("image", (4, 4)), ("video", (3, 4, 8))],
@@ -49,32 +50,51 @@ def _qwen_inputs(seconds: bool) -> Callable[[], tuple[Inputs, list[Inputs]]]:
 
 
 @torch.no_grad()
-def _qwen_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, Tensor, Tensor, Callable[[int, Tensor], Tensor]]:
+def _qwen_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, Callable[[int, Tensor], Tensor]]:
     cfg = model.config
     ids = inputs["input_ids"]
     embeds = model.get_input_embeddings()(ids)
-    image, video = ids == cfg.image_token_id, ids == cfg.video_token_id
     if "pixel_values" in inputs:
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-        embeds[image] = torch.cat(list(feats))
+        embeds[ids == cfg.image_token_id] = torch.cat(list(feats))
     feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
-    embeds[video] = torch.cat(list(feats))
+    embeds[ids == cfg.video_token_id] = torch.cat(list(feats))
     kw = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
     pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
                                         video_grid_thw=inputs["video_grid_thw"],
                                         attention_mask=inputs["attention_mask"], **kw)
-    return embeds, video, image, lambda b, columns: pos[:, b : b + 1, columns]
+    return embeds, lambda b, columns: pos[:, b : b + 1, columns]
+
+
+def _onevision_inputs(model: nn.Module) -> tuple[Inputs, list[Inputs]]:
+    # two clips of 3 frames (OneVision batches videos as one tensor), images (crops, newlines) in two samples
+    return onevision_media_inputs(model, [[("video", None)], [("image", (30, 50)), ("video", None)],
+                                          [("image", (40, 60))]], [(3, 2), (2, 4), (5, 1)], frames=3, seed=4)
+
+
+@torch.no_grad()
+def _onevision_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, None]:
+    cfg = model.config
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                           image_sizes=inputs["image_sizes"]).pooler_output
+    embeds[ids == cfg.image_token_id] = torch.cat(list(feats))
+    video = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output
+    embeds[ids == cfg.video_token_id] = video.reshape(-1, video.shape[-1])
+    return embeds, None
 
 
 FAMILIES = {
-    "qwen2_vl": VideoFamily(QWEN["qwen2_vl"], _qwen_inputs(False), Qwen2VLAdapter, _qwen_reference),
-    "qwen2_5_vl": VideoFamily(QWEN["qwen2_5_vl"], _qwen_inputs(True), Qwen2VLAdapter, _qwen_reference),
+    "qwen2_vl": VideoFamily(QWEN["qwen2_vl"], _qwen_inputs(False), _qwen_reference),
+    "qwen2_5_vl": VideoFamily(QWEN["qwen2_5_vl"], _qwen_inputs(True), _qwen_reference),
+    "llava_onevision": VideoFamily(tiny_onevision, _onevision_inputs, _onevision_reference),
 }
 #: every method that reads a video's frame layout, and image methods per frame (token-, attention- and grid-based)
 VIDEO_METHODS = contract.supported(Qwen2VLAdapter, video=True)
 PER_FRAME = ["divprune", "visionzip", "pool", "uniform"]
 METHODS = VIDEO_METHODS + PER_FRAME
-KEEP = {"pool": 0.25, "uniform": 2}  # others: half the clip (a video method) or of each frame (an image method)
+KEEP = {"pool": 0.25, "uniform": 2, "fastvid": 0.75}  # others: half the clip (a video method) or of each frame (an image method)
 
 
 def keep_of(method: str) -> int | float:
@@ -87,8 +107,8 @@ def models() -> dict[str, nn.Module]:
 
 
 @pytest.fixture(scope="module")
-def media() -> dict[str, tuple[Inputs, list[Inputs]]]:
-    return {name: fam.inputs() for name, fam in FAMILIES.items()}
+def media(models) -> dict[str, tuple[Inputs, list[Inputs]]]:
+    return {name: fam.inputs(models[name]) for name, fam in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -99,42 +119,76 @@ def reference(models, media) -> dict[str, tuple[Tensor, Tensor]]:
 
 def test_every_video_method_is_in_the_contract():
     assert {"evs", "vidcom2", "dycoke", "sttm", "frame_stride", "temporal_pool"} <= set(VIDEO_METHODS)
+    for method in VIDEO_METHODS:
+        assert set(FAMILIES) <= set(families_supporting(get_method(method))), method
+
+
+def clip_sizes(model: nn.Module, inputs: Inputs) -> list[int]:
+    """Tokens of each clip (its placeholders less those that always stay, e.g. OneVision's newline)."""
+    with vtoken.apply(model, "evs", keep=1.0) as handle:
+        logits(model, inputs)
+        return handle.video.mask.sum(1).tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_identical_and_remove_restores(models, media, reference, family, method):
-    model, (batch, _) = models[family], media[family]
+    model, (batch, alone) = models[family], media[family]
     ref, gen_ref = reference[family]
-    n = batch["video_grid_thw"].prod(-1) // 4
+    n = (batch["video_grid_thw"].prod(-1) // 4).tolist() if "video_grid_thw" in batch else clip_sizes(model, batch)
     with vtoken.apply(model, method, keep=1.0) as handle:
         assert torch.equal(logits(model, batch), ref)
         assert kept_rows(handle.video.indices) == [list(range(int(k))) for k in n]
         assert torch.equal(model.generate(**batch, **GEN), gen_ref)
-    contract.check_remove(model, batch, method, keep_of(method), reference=ref)
+    # (padding columns stay, so an image-only sample would keep the batch's length: the first sample, a video)
+    contract.check_remove(model, alone[0], method, keep_of(method))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_each_sample(models, media, family, method):
-    """Clips of 4, 3 and 2 frames and two frame sizes, an image in one sample, different prompts: each sample alone
-    gives the same logits and keeps the same tokens of its clip (and of its image)."""
+    """Clips of different lengths and frame sizes (where the family allows), images in some samples, different
+    prompts: each sample alone gives the same logits and keeps the same tokens of its clip and its image."""
     model, (batch, alone) = models[family], media[family]
     with vtoken.apply(model, method, keep=keep_of(method)) as handle:
         got = logits(model, batch)[:, -1]
-        clips, images = kept_rows(handle.video.indices), kept_rows(handle.last.indices)
-        counts = handle.video.extras["frame_counts"]
+        clips, counts = kept_rows(handle.video.indices), handle.video.extras["frame_counts"]
+        images = kept_rows(handle.last.indices) if handle.last is not handle.video else []
+        c = i = 0
         for b, one in enumerate(alone):
             torch.testing.assert_close(logits(model, one)[0, -1], got[b], atol=2e-5, rtol=1e-4)
-            assert kept_rows(handle.video.indices) == [clips[b]]
-            t = int(one["video_grid_thw"][0, 0])
-            assert handle.video.extras["frame_counts"][0].tolist() == counts[b, :t].tolist()
-            if "pixel_values" in one:
-                assert kept_rows(handle.last.indices) == [images[0]]
-    frames = batch["video_grid_thw"][:, 0]
+            if handle.video is not None:
+                assert kept_rows(handle.video.indices) == [clips[c]]
+                t = int((handle.video.extras["frame_counts"][0] >= 0).sum())
+                assert handle.video.extras["frame_counts"][0].tolist() == counts[c, :t].tolist()
+                c += 1
+            if handle.last is not handle.video:
+                assert kept_rows(handle.last.indices) == [images[i]]
+                i += 1
     assert counts.sum(1).tolist() == [len(r) for r in clips]
-    for b, t in enumerate(frames.tolist()):
-        assert counts[b, t:].sum() == 0  # padded frames keep nothing
+
+
+def kept_columns(handle: Any, inputs: Inputs) -> Tensor:
+    """``[B, L]`` the caller's columns the patched prefill kept, checked against ``handle.video``: every text column,
+    and of the video placeholders exactly the kept clip tokens' (plus those that always stay)."""
+    adapter = handle.adapter
+    gather = adapter._state.gather
+    ids = inputs["input_ids"]
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(gather)
+    keep[rows[gather >= 0], gather[gather >= 0]] = True
+    visual = adapter.visual_token_mask(ids)
+    assert bool(keep[~visual & inputs["attention_mask"].bool()].all()), "a text column was dropped"
+    clips, red = adapter._clips, handle.video
+    want = torch.zeros_like(keep)
+    want[clips.sample[:, None].expand_as(red.indices)[red.mask], clips.columns.gather(1, red.indices.clamp(min=0))
+         [red.mask]] = True
+    if "fixed" in clips.extra:
+        fixed_rows, fixed_cols, _ = clips.extra["fixed"]
+        want[fixed_rows, fixed_cols] = True
+    video = ids == adapter.model.config.video_token_id
+    assert torch.equal(keep & video, want)
+    return keep
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -145,20 +199,13 @@ def test_kept_tokens_keep_their_positions(models, media, family, method):
     model, (batch, _) = models[family], media[family]
     with vtoken.apply(model, method, keep=keep_of(method)) as handle:
         got = logits(model, batch)
-        clips, last, video_rows = handle.video, handle.last, handle.video.indices.shape[0]
-    embeds, video, image, pos = FAMILIES[family].reference(model, batch)
-    assert video_rows == batch["video_grid_thw"].shape[0]
-    n_video = (batch["video_grid_thw"].prod(-1) // 4).tolist()
-    keep = contract.kept_columns(video, kept_rows(clips.indices), n_video)
-    if last is not clips:
-        n_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-        keep &= contract.kept_columns(image, kept_rows(last.indices), n_image)
+        keep = kept_columns(handle, batch)
+    embeds, pos = FAMILIES[family].reference(model, batch)
     real = contract.check_hand_built(model, got, embeds, keep, batch["attention_mask"], pos)
-    for b in range(len(real)):
-        assert int(real[b].sum()) < int(batch["attention_mask"][b].sum())
+    assert sum(int(r.sum()) for r in real) < int(batch["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_mrope_ids_of_kept_video_tokens_by_hand(models, family):
     """One clip alone: the (t, h, w) ids the language model receives for the kept video tokens are ``start + 1 +
     (t * second_per_grid * tokens_per_second, row, column)`` (Qwen2-VL: ``t``), built by hand."""
@@ -191,15 +238,14 @@ def test_mrope_ids_of_kept_video_tokens_by_hand(models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["evs", "dycoke", "divprune"])
 def test_cache_holds_only_kept_tokens(models, media, family, method):
+    """After generate the cache holds the longest compacted prompt (text, padding, kept image and video tokens) plus
+    the generated tokens but the last."""
     model, (batch, _) = models[family], media[family]
     with vtoken.apply(model, method, keep=keep_of(method)) as handle:
         out = model.generate(**batch, **GEN, return_dict_in_generate=True)
-        video = torch.zeros(3, dtype=torch.long).index_add_(0, torch.arange(3), handle.video.mask.sum(1))
-        image = torch.zeros(3, dtype=torch.long).index_add_(0, torch.tensor([1]), handle.last.mask.sum(1))
-    cfg = model.config
-    ids = batch["input_ids"]
-    text = ((ids != cfg.image_token_id) & (ids != cfg.video_token_id)).sum(1)
-    prefill = int((text + video + image).max())
+        keep = kept_columns(handle, batch)
+    prefill = int((keep | (batch["attention_mask"] == 0)).sum(1).max())
+    assert int((keep & batch["attention_mask"].bool()).sum()) < int(batch["attention_mask"].sum())
     assert out.past_key_values.get_seq_length() == prefill + GEN["max_new_tokens"] - 1
 
 
@@ -221,10 +267,14 @@ def test_video_method_leaves_images_and_text_alone(models, media, family):
     """A video method reduces only the clips: the image keeps every token; handle.last is the image's reduction and
     handle.video the clips'; a text-only prompt afterwards clears both."""
     model, (batch, _) = models[family], media[family]
+    with vtoken.apply(model, "divprune", keep=1.0) as handle:
+        logits(model, batch)
+        images = handle.last.mask.sum(1).tolist()
+    sizes = clip_sizes(model, batch)
     with vtoken.apply(model, "evs", keep=0.5) as handle:
         logits(model, batch)
-        assert handle.last.mask.sum().item() == 4 and handle.last is not handle.video
-        assert handle.video.extras["frame_counts"].sum(1).tolist() == [8, 12, 4]
+        assert handle.last.mask.sum(1).tolist() == images and handle.last is not handle.video
+        assert handle.video.extras["frame_counts"].sum(1).tolist() == [n // 2 for n in sizes]
         logits(model, {"input_ids": batch["input_ids"][:, -3:]})
         assert handle.last is None and handle.video is None
 

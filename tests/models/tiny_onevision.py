@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from transformers import (
     LlavaOnevisionConfig,
@@ -94,3 +97,48 @@ def sample_inputs(inputs: dict[str, torch.Tensor], b: int, images_per_sample: li
     if "batch_num_images" in inputs:
         out["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
     return out
+
+
+def onevision_media_inputs(model, samples: list[list[tuple[str, Any]]], lengths: list[tuple[int, int]], frames: int,
+                           seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Left-padded prompts mixing images and videos, and each sample alone (unpadded, its own pixels).
+
+    Sample ``b`` is ``prefix`` text, its media (``("image", (H, W))``: the image's packed placeholders, or
+    ``("video", None)``: a clip of ``frames`` frames, ``frames * P + 1`` video placeholders) and ``suffix`` text. Every
+    video of the batch has ``frames`` frames (``pixel_values_videos`` is one tensor)."""
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    per_frame = math.ceil(side // cfg.vision_config.patch_size / 2) ** 2
+    alone = []
+    for media, (p, s) in zip(samples, lengths, strict=True):
+        parts = [text_tokens(p, g)]
+        one: dict[str, torch.Tensor] = {}
+        for kind, size in media:
+            if kind == "image":
+                views = image_size_to_num_patches(size, cfg.image_grid_pinpoints, side)
+                pixels = torch.randn(1, views, 3, side, side, generator=g)
+                sizes = torch.tensor([size], dtype=torch.long)
+                n = image_lengths(model, pixels, sizes)[0]
+                one["pixel_values"], one["image_sizes"] = pixels, sizes
+                parts.append(torch.full((n,), IMAGE_TOKEN))
+            else:
+                one["pixel_values_videos"] = torch.randn(1, frames, 3, side, side, generator=g)
+                parts.append(torch.full((frames * per_frame + 1,), VIDEO_TOKEN))
+            parts.append(text_tokens(1, g))
+        parts.append(text_tokens(s, g))
+        one["input_ids"] = torch.cat(parts)[None]
+        alone.append(one)
+    ids, mask = left_pad([a["input_ids"][0] for a in alone])
+    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    images = [a for a in alone if "pixel_values" in a]
+    if images:
+        views = max(a["pixel_values"].shape[1] for a in images)
+        pad = [torch.zeros(1, views - a["pixel_values"].shape[1], 3, side, side) for a in images]
+        batch["pixel_values"] = torch.cat([torch.cat([a["pixel_values"], z], 1)
+                                           for a, z in zip(images, pad, strict=True)])
+        batch["image_sizes"] = torch.cat([a["image_sizes"] for a in images])
+    videos = [a["pixel_values_videos"] for a in alone if "pixel_values_videos" in a]
+    if videos:
+        batch["pixel_values_videos"] = torch.cat(videos)
+    return batch, alone

@@ -12,8 +12,6 @@ from tests.parity.fixtures import fixtures_root
 HERE = Path(__file__).parent
 # fixture sets whose methods belong to later issues: the directory and the issue that implements it
 PENDING = {
-    "fastvid": "issue 13 (video): FastVID",
-    "holitom": "issue 13 (video): HoliTom",
     "framefusion": "issue 13 (video): FrameFusion",
     "pitome": "issue 15 (encoder stage in VLM towers): PiToMe",
     "dymu": "issue 15 (encoder stage in VLM towers): DyMU",

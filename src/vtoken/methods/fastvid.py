@@ -93,11 +93,14 @@ def segment_frames(frame_features: Tensor, frames: Tensor, segments: int, cut_th
           venue="NeurIPS 2025", repo="https://github.com/LunarShen/FastVID", stage="video", kind="merge",
           signals=("video_grid", "cls_attn", "frame_features"), parity=True, fixture="fastvid", exact=False,
           signal_spec={
-              "cls_attn": SignalSpec(note="LLaVA-OneVision (SigLIP, no CLS): the attention of the vision tower's "
+              "cls_attn": SignalSpec(without_cls="received",
+                                     note="LLaVA-OneVision (SigLIP, no CLS): the attention of the vision tower's "
                                           "attention-pooling head's probe over the patches (averaged over heads), "
                                           "resized like the features (27 x 27 -> 14 x 14 bilinear) and taken per "
-                                          "frame (official llava_arch.get_attn_2dPool); no other fallback is "
-                                          "defined"),
+                                          "frame (official llava_arch.get_attn_2dPool). Hugging Face's OneVision "
+                                          "and Qwen towers carry no such head, so vtoken substitutes the attention "
+                                          "each token receives (vtoken's choice, the CLS-free statistic the "
+                                          "other methods use)"),
               "frame_features": SignalSpec(note="one global embedding per frame: the output of the SigLIP "
                                                 "attention-pooling head (official in_frame_global_features)"),
           },

@@ -270,7 +270,7 @@ def _static_clusters(xs: Tensor, static: Tensor, clusters: Tensor, knn: int) -> 
           main_knobs=("threshold",),
           knob_sources={
               "threshold": "official scripts: T=0.80 in the README's lmms-eval command (also the code's default; "
-                           "the full-method script setting of 7B uses 0.65)",
+                           "other official settings use 0.65)",
               "retain_ratio": "vtoken: None, the largest ratio whose allocation fits keep, so keep is the one budget; "
                               "the official RETAIN_RATIO (0.15 in the README's command) with keep = official_keep(...) "
                               "reproduces the official allocation exactly",

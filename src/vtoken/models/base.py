@@ -27,7 +27,7 @@ from .hf import cache_of, cached_length, padding_mask
 from .llm import LLM_SIGNALS, DecoderPruner
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
-from .video import VIDEO_SIGNALS, check_video_steps, place_tokens, reduce_clips
+from .video import VIDEO_SIGNALS, check_video_steps, frame_means, place_tokens, reduce_clips
 
 #: signals that only a [CLS] query row gives (a view of the catalogue; towers without one run the method's declared
 #: fallback, ``SignalSpec.without_cls``, or cannot run it)
@@ -424,9 +424,12 @@ class Adapter:
             self.place_images(kw, input_ids, embeds, keep)
         key = self.video_key()
         if key is not None and kw.get(key) is not None:
-            clips = self.encode_videos(kw)
+            clips = self._clips = self.encode_videos(kw)
             video = self.reduce_videos(clips, kw)
             place_tokens(embeds, keep, clips.columns, clips.sample, video)
+            if "fixed" in clips.extra:  # placeholders that are not clip tokens (e.g. a newline after each clip)
+                rows, cols, values = clips.extra["fixed"]
+                embeds[rows, cols] = values.to(embeds.dtype)
             self.handle.video = video
             if self.handle.last is None:
                 self.handle.last, self._images = video, clips
@@ -449,7 +452,9 @@ class Adapter:
     def encode_videos(self, kw: dict[str, Any]) -> Images:
         """The prefill's videos as clips: ``tokens [V, N, D]`` (LLM space, frame-major, each frame in raster order;
         shorter clips padded with whole frames), ``columns`` / ``sample`` / ``mask`` as for images, and
-        ``extra["video_grids"] [V, 3]`` long, each clip's ``(T, H, W)``. Video families implement it."""
+        ``extra["video_grids"] [V, 3]`` long, each clip's ``(T, H, W)``; optionally ``extra["fixed"]`` ``(rows, cols,
+        values)``, placeholders that always stay and the values they get (a clip's trailing newline). Video families
+        implement it."""
         raise NotImplementedError
 
     def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
@@ -459,6 +464,8 @@ class Adapter:
             return self.text_embeddings(kw, clips)[0]
         if name == "text_mask":
             return self.text_embeddings(kw, clips)[1]
+        if name == "frame_features":  # no global frame embedding: the mean of each frame's tokens
+            return frame_means(clips.tokens, clips.extra["video_grids"])
         return None
 
     def reduce_videos(self, clips: Images, kw: dict[str, Any]) -> Reduction:
@@ -490,7 +497,7 @@ class Adapter:
         comp = compact(keep, attention_mask)
         alone = self.alone_positions(kw, attention_mask, positions, comp) if self.llm is not None else None
         removed = bool((comp.removed > 0).any())
-        kw = {k: v for k, v in kw.items() if k not in (self.image_key(), "input_ids", "image_sizes")}
+        kw = {k: v for k, v in kw.items() if k not in (self.image_key(), self.video_key(), "input_ids", "image_sizes")}
         kw["inputs_embeds"] = comp.take(embeds)
         pos_dim = 2 if positions.dim() == 3 else 1
         if removed or kw.get("position_ids") is not None:
@@ -510,7 +517,7 @@ class Adapter:
                 raise ValueError("past_key_values / cache: llm-stage methods need the images in the first prefill "
                                  "(an empty cache)")
             g = comp.gather
-            visual = self.image_token_mask(input_ids) & keep
+            visual = self.visual_token_mask(input_ids) & keep
             visual = visual.gather(1, g.clamp(min=0)) & (g >= 0)
             self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]),
                          alone)
@@ -600,7 +607,7 @@ class Adapter:
         if cache is not None:
             return cache
         input_ids = kw["input_ids"]
-        is_text = ~self.image_token_mask(input_ids)
+        is_text = ~self.visual_token_mask(input_ids)
         if kw.get("attention_mask") is not None:
             is_text &= kw["attention_mask"].bool()
         counts = is_text.sum(1)
@@ -615,6 +622,14 @@ class Adapter:
 
     def image_token_mask(self, input_ids: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def video_token_mask(self, input_ids: Tensor) -> Tensor:
+        """``[B, L]`` bool: the video placeholders (none for families without videos)."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def visual_token_mask(self, input_ids: Tensor) -> Tensor:
+        """Image or video placeholders: not text for the ``text`` signal, visual for llm-stage methods."""
+        return self.image_token_mask(input_ids) | self.video_token_mask(input_ids)
 
 
 class ClsTowerAdapter(Adapter):

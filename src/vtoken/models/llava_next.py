@@ -306,10 +306,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return Reduction(tokens, new_idx, new_mask, assign, sizes, {**red.extras, "crop_layout": red})
 
     # ---- splice -------------------------------------------------------------------------------------------------
-    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        input_ids, images, red = self.reduce_prefill(kw)
-        embeds = self.model.get_input_embeddings()(input_ids).clone()
-        keep = ~self.image_token_mask(input_ids)
+    def place_images(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> None:
+        _, images, red = self.reduce_prefill(kw)
+        keep &= ~self.image_token_mask(input_ids)
         rows = images.sample[:, None].expand_as(red.indices)[red.mask]
         cols = images.columns.gather(1, red.indices.clamp(min=0))[red.mask]
         keep[rows, cols] = True
@@ -327,4 +326,3 @@ class LlavaNextAdapter(LlavaAdapter):
         red.extras["newlines"] = nl_keep.sum(1)
         assert self.handle is not None
         self.handle.last = red
-        return self.splice(kw, input_ids, embeds, keep)

@@ -45,9 +45,11 @@ vtoken's choices (the reduction unit is one view, as in the official per-crop Vi
   substitute. ``lavit_dynamic`` gets no ``cls_attn`` (its ``"distinct"`` score is used).
 
 ``vision_feature_select_strategy`` must be ``"full"`` (``"default"`` would drop a SigLIP patch). The model ignores a
-``vision_aspect_ratio`` argument and packs with ``config.vision_aspect_ratio``; so does this adapter. Videos are not
-reduced yet: ``pixel_values_videos`` in the same call pass through to the model, which fills the (kept) video
-placeholders itself.
+``vision_aspect_ratio`` argument and packs with ``config.vision_aspect_ratio``; so does this adapter.
+
+Videos (``pixel_values_videos [V, F, C, H, W]``) are clips of ``F`` frames of ``ceil(g / 2)^2`` tokens (the model's
+2 x 2 bilinear pooling after the projector; 196 a frame on the released models) followed by one ``image_newline``,
+which always stays. Images and videos mix in one batch; tower signals of each frame are pooled like its features.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     provides = frozenset({"cls_attn", "attn", "attn_received_layers", "keys", "vision_features", "text",
-                          "text_mask", "grid", "positions", "sizes", "crop_ids"})
+                          "text_mask", "grid", "positions", "sizes", "crop_ids", "video_grid", "frame_ids",
+                          "frame_features"})
     has_cls = False  # SigLIP
 
     # ---- model parts ------------------------------------------------------------------------------------------
@@ -256,6 +259,80 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
             return images.extra["view_position"][:, None].expand_as(images.columns)
         return Adapter.signal(self, name, info, images, kw)
 
+    # ---- videos -----------------------------------------------------------------------------------------------
+    def video_key(self) -> str | None:
+        return "pixel_values_videos"
+
+    def video_token_mask(self, input_ids: Tensor) -> Tensor:
+        return input_ids == self.model.config.video_token_id
+
+    def encode_videos(self, kw: dict[str, Any]) -> Images:
+        """Videos as the model lays them out: every frame through the tower and the projector, 2 x 2 bilinear pooling
+        (``ceil(g / 2)`` tokens a side), the frames one after another, then ONE ``image_newline`` (kept, not a clip
+        token: ``extra["fixed"]``)."""
+        cfg = self.model.config
+        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        if strategy != "full":
+            raise ValueError(f"llava_onevision adapter: vision_feature_select_strategy={strategy!r} would drop a patch "
+                             "token of the CLS-free SigLIP tower; vtoken supports 'full'")
+        layer = kw.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        pixels = kw["pixel_values_videos"]
+        v, f = pixels.shape[:2]
+        assert self.capture is not None
+        with self.capture.recording():
+            out = self.inner.get_video_features(pixel_values_videos=pixels, vision_feature_layer=layer,
+                                                vision_feature_select_strategy=strategy, return_dict=True)
+        packed = out.pooler_output  # [V, F * P + 1, D]: the pooled frames, then the newline
+        hs = out.hidden_states
+        feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)  # [V * F, n, C]
+        ids = kw["input_ids"]
+        rows, cols = self.video_token_mask(ids).nonzero(as_tuple=True)
+        if rows.numel() != packed.shape[0] * packed.shape[1]:
+            raise ValueError(f"llava_onevision adapter: the prompt has {rows.numel()} video tokens, the {v} video(s) "
+                             f"of {f} frames pack into {packed.shape[0] * packed.shape[1]}")
+        rows, cols = rows.reshape(v, -1), cols.reshape(v, -1)
+        if bool((rows != rows[:, :1]).any()):
+            raise ValueError("llava_onevision adapter: the tokens of one video span several samples")
+        side = math.ceil(self.side() / 2)
+        grids = torch.tensor([[f, side, side]] * v, device=packed.device)
+        extra = {"video_grids": grids, "fixed": (rows[:, -1], cols[:, -1], packed[:, -1]), "frames": (v, f),
+                 "frame_features": feats.mean(1).reshape(v, f, -1)}
+        return Images(packed[:, :-1], cols[:, :-1], rows[:, 0], None, lambda x: x, space="projected", extra=extra)
+
+    def pooled(self, x: Tensor, clips: Images) -> Tensor:
+        """Per-patch values of every frame ``[V * F, n, ...]`` -> per clip token ``[V, F * P, ...]``, resized as the
+        model resizes the features (its ``apply_pooling``: bilinear to ``ceil(g / 2)`` a side)."""
+        v, _f = clips.extra["frames"]
+        flat = x.reshape(x.shape[0], x.shape[1], -1).float()
+        out = self.inner.apply_pooling(flat)
+        return out.reshape(v, -1, *x.shape[2:])
+
+    def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
+        """Tower signals of each frame pooled like its features (:meth:`pooled`): ``cls_attn`` (the declared
+        CLS-free fallback: attention received), ``attn_received_layers``, ``keys``; ``frame_features`` is the mean of
+        each frame's tower features (the HF tower has no attention-pooling head); ``vision_features`` the tokens."""
+        cap = self.capture
+        assert cap is not None
+        if name in ("cls_attn", "cls_attn_layers", "attn_logits"):
+            if self.cls_fallback(info, name) != "received":
+                return None
+            value = self.pooled(self.received_attention(self.spec_layers(info, name), clips).transpose(1, 2), clips)
+            return value[..., 0] if name == "cls_attn" else value.transpose(1, 2)
+        if name == "attn_received_layers":
+            return self.pooled(self.received_attention(self.spec_layers(info, name), clips).transpose(1, 2),
+                               clips).transpose(1, 2)
+        if name == "keys":
+            _, k, layer = cap.qk(self.spec_layers(info, name)[0])
+            return self.pooled(mean_keys(k, layer), clips)
+        if name == "vision_features":
+            return clips.tokens
+        if name == "frame_features":
+            return clips.extra["frame_features"]
+        if name == "positions":
+            return clips.columns
+        return super().video_signal(name, info, clips, kw)
+
     # ---- reduction and splice ---------------------------------------------------------------------------------
     def view_shares(self, images: Images) -> list[Tensor | None]:
         """Per step, the per-view counts ``[V]`` of an ``int`` ``keep`` (``None`` for a ratio, applied per view)."""
@@ -295,12 +372,11 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         cols = images.columns[row.clamp(min=0), idx % n]
         return images.sample[table[:, 0]], torch.where(red.mask & (row >= 0), cols, -1)
 
-    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
-        input_ids, images, red = self.reduce_prefill(kw)
+    def place_images(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> None:
+        _, images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         views = red.extras["views"]
-        embeds = self.model.get_input_embeddings()(input_ids).clone()
-        keep = ~images.extra["visual"]
+        keep &= ~images.extra["visual"]
         m = views.mask
         idx = views.indices.clamp(min=0)
         rows = images.sample[:, None].expand_as(idx)[m]
@@ -319,5 +395,4 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         red.extras["newlines"] = torch.zeros(images.extra["n_images"], dtype=torch.long,
                                              device=input_ids.device).index_add_(0, nl_image, torch.ones_like(nl_image))
         self.handle.last = red
-        return self.splice(kw, input_ids, embeds, keep)
 

@@ -132,7 +132,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
     provides = frozenset({"cls_attn", "attn_received_layers", "keys", "vision_features", "text", "text_mask", "grid",
-                          "video_grid", "frame_ids",
+                          "video_grid", "frame_ids", "frame_features",
                           "positions"})
     #: the block whose output the merger reads (the last); also where a spec's ``feature_layer`` -2 reads
     default_layer: ClassVar[int] = -1
@@ -345,7 +345,7 @@ class Qwen2VLAdapter(Adapter):
     def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
         """As for images (the tower ran on the videos' frames): attention statistics within each frame's attention
         segment, keys, the merger's input, the original M-RoPE ids."""
-        if name in ("text", "text_mask"):
+        if name in ("text", "text_mask", "frame_features"):
             return super().video_signal(name, info, clips, kw)
         return self.signal(name, info, clips, kw)
 

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import Reduction
+from ..core import CATALOGUE, Reduction
 from .pipeline import TOKEN_DIM, Step, run_one, run_steps, stack_reductions
 
+#: signals with one entry per frame along dim 1 (the catalogue's ``B F ...``)
+FRAME_AXIS = frozenset(name for name, sig in CATALOGUE.items() if (sig.dims or "").startswith("B F"))
 #: signals only a video gives (a family that takes no videos cannot run methods that need them)
 VIDEO_SIGNALS = frozenset({"video_grid", "frame_features"})
 
@@ -66,6 +68,20 @@ def frame_counts(red: Reduction, p: int, t: int) -> Tensor:
     frame = torch.where(red.mask, red.indices // p, t)
     out = torch.zeros(red.mask.shape[0], t + 1, dtype=torch.long, device=red.mask.device)
     return out.scatter_add_(1, frame, torch.ones_like(frame))[:, :t]
+
+
+def frame_means(tokens: Tensor, grids: Tensor) -> Tensor:
+    """``[V, T_max, D]`` the mean token of each frame of clips ``tokens [V, N, D]`` (clip ``v`` is ``grids[v] = (T, H,
+    W)``, frame by frame; frames past a clip's ``T`` are 0)."""
+    v, n, d = tokens.shape
+    grids = grids.to(tokens.device).long()
+    p = grids[:, 1:].prod(-1, keepdim=True)
+    t = int(grids[:, 0].max())
+    pos = torch.arange(n, device=tokens.device)[None, :]
+    frame = torch.where(pos < grids[:, :1] * p, pos // p, t)  # [V, N], t on padding
+    out = torch.zeros(v, t + 1, d, dtype=torch.float32, device=tokens.device)
+    out.scatter_add_(1, frame[..., None].expand(v, n, d), tokens.float())
+    return (out[:, :t] / p[..., None].float()).to(tokens.dtype)
 
 
 def per_frame(step: Step, x: Tensor, valid: Tensor, signals: dict[str, Any], t: int, p: int,
@@ -166,6 +182,8 @@ def reduce_clips(steps: Sequence[Step], tokens: Tensor, grids: Tensor, signals: 
         t = int(frames.max())
         m = t * p
         sig = {name: select_rows(name, value, rows, m) for name, value in signals.items()}
+        for name in FRAME_AXIS & set(sig):  # per-frame signals of the longest clip of this frame size
+            sig[name] = sig[name][:, :t]
         sig["video_grid"] = (t, h, w)
         sig["frame_ids"] = (torch.arange(m, device=dev) // p).expand(rows.numel(), m)
         mask = torch.arange(m, device=dev)[None, :] < (frames * p)[:, None]
