@@ -94,7 +94,8 @@ FAMILIES = {
 VIDEO_METHODS = contract.supported(Qwen2VLAdapter, video=True)
 PER_FRAME = ["divprune", "visionzip", "pool", "uniform"]
 METHODS = VIDEO_METHODS + PER_FRAME
-KEEP = {"pool": 0.25, "uniform": 2, "fastvid": 0.75}  # others: half the clip (a video method) or of each frame (an image method)
+#: others: half the clip (a video method) or of each frame (an image method); fastvid needs a context token a frame
+KEEP = {"pool": 0.25, "uniform": 2, "fastvid": 0.75}
 
 
 def keep_of(method: str) -> int | float:
