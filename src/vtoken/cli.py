@@ -166,11 +166,26 @@ def methods_markdown() -> str:
     return "\n".join(out)
 
 
+def support_matrix() -> str:
+    """The README's support matrix: one row per method, ✓ where a family runs it (``vtoken methods --matrix``)."""
+    from .models import ADAPTERS, families_supporting
+
+    families = list(dict.fromkeys(a.family for a in ADAPTERS))
+    out = ["| method | stage | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+    for m in sorted(all_methods(), key=lambda m: (STAGES.index(m.stage), m.name)):
+        ok = set(families_supporting(m))
+        out.append(f"| {m.name} | {m.stage} | " + " | ".join("✓" if f in ok else "–" for f in families) + " |")
+    return "\n".join(out) + "\n"
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .models import families_supporting
 
     if args.markdown:
         print(methods_markdown(), end="")
+        return 0
+    if args.matrix:
+        print(support_matrix(), end="")
         return 0
     if args.name:
         with user_input("methods NAME"):
@@ -290,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stage", choices=STAGES, help="only methods of this stage")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.add_argument("--markdown", action="store_true", help="print every card as Markdown (docs/methods.md)")
+    m.add_argument("--matrix", action="store_true", help="print the method x family support matrix (README)")
     m.set_defaults(func=cmd_methods)
     d = sub.add_parser("demo", help="reduce the pixel-patch tokens of a sample image with every method")
     d.add_argument("--image", default="astronaut", help="a bundled sample name or an image path")

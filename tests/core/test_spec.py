@@ -138,6 +138,9 @@ def test_method_docs_are_current_and_the_readme_links_every_card():
     readme = (root / "README.md").read_text()
     for m in vtoken.methods():
         assert f"[{m.name}](docs/methods.md#{m.name})" in readme, f"README's method table lacks {m.name}"
+    from vtoken.cli import support_matrix
+
+    assert support_matrix() in readme, "README's support matrix is stale: paste `vtoken methods --matrix`"
 
 
 def test_a_new_method_needs_no_model_code():

@@ -20,6 +20,8 @@ from tests.models.tiny_onevision import onevision_media_inputs, tiny_onevision
 from tests.models.tiny_qwen import TINY as QWEN
 from tests.models.tiny_qwen import VIDEO_TOKEN as QWEN_VIDEO
 from tests.models.tiny_qwen import VISION_START, qwen_media_inputs
+from tests.models.tiny_qwen3 import TINY as QWEN3
+from tests.models.tiny_qwen3 import qwen3_media_inputs
 from vtoken.methods import get_method
 from vtoken.models import families_supporting
 from vtoken.models.qwen2_vl import Qwen2VLAdapter
@@ -85,10 +87,42 @@ def _onevision_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, None
     return embeds, None
 
 
+def _qwen3_inputs(_model: nn.Module) -> tuple[Inputs, list[Inputs]]:
+    # Qwen3-VL's layout: a timestamp before every frame; clips of 3 and 2 frames, two frame sizes, an image sample
+    return qwen3_media_inputs([[("video", (3, 4, 4))], [("image", (4, 4)), ("video", (2, 4, 8))],
+                               [("image", (4, 8))]], [(3, 2), (2, 4), (5, 1)], seed=12)
+
+
+@torch.no_grad()
+def deepstack_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Qwen3-VL: the model's own input embeddings with every visual feature at its placeholder, its DeepStack features
+    ``[B, L, D]`` per tap at the same columns, and the visual columns ``[B, L]``."""
+    cfg = model.config
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    visual = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+    taps: list[Tensor] = []
+    for token, pixels, grid, get in ((cfg.image_token_id, "pixel_values", "image_grid_thw",
+                                      model.model.get_image_features),
+                                     (cfg.video_token_id, "pixel_values_videos", "video_grid_thw",
+                                      model.model.get_video_features)):
+        out = get(inputs[pixels], inputs[grid])
+        where = ids == token
+        embeds[where] = torch.cat(list(out.pooler_output))
+        for i, feat in enumerate(out.deepstack_features):
+            feat = torch.cat(list(feat)) if isinstance(feat, (list, tuple)) else feat
+            if len(taps) <= i:
+                taps.append(embeds.new_zeros(*ids.shape, feat.shape[-1]))
+            taps[i][where] = feat
+    return embeds, taps, visual
+
+
 FAMILIES = {
     "qwen2_vl": VideoFamily(QWEN["qwen2_vl"], _qwen_inputs(False), _qwen_reference),
     "qwen2_5_vl": VideoFamily(QWEN["qwen2_5_vl"], _qwen_inputs(True), _qwen_reference),
     "llava_onevision": VideoFamily(tiny_onevision, _onevision_inputs, _onevision_reference),
+    "qwen3_vl": VideoFamily(QWEN3["qwen3_vl"], _qwen3_inputs, _qwen_reference),
+    "qwen3_vl_moe": VideoFamily(QWEN3["qwen3_vl_moe"], _qwen3_inputs, _qwen_reference),
 }
 #: every method that reads a video's frame layout, and image methods per frame (token-, attention- and grid-based)
 VIDEO_METHODS = contract.supported(Qwen2VLAdapter, video=True)
@@ -121,7 +155,8 @@ def reference(models, media) -> dict[str, tuple[Tensor, Tensor]]:
 def test_every_video_method_is_in_the_contract():
     assert {"evs", "vidcom2", "dycoke", "sttm", "frame_stride", "temporal_pool"} <= set(VIDEO_METHODS)
     for method in VIDEO_METHODS:
-        assert set(FAMILIES) <= set(families_supporting(get_method(method))), method
+        assert {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl"} <= set(families_supporting(
+            get_method(method))), method
 
 
 def clip_sizes(model: nn.Module, inputs: Inputs) -> list[int]:
@@ -202,8 +237,64 @@ def test_kept_tokens_keep_their_positions(models, media, family, method):
         got = logits(model, batch)
         keep = kept_columns(handle, batch)
     embeds, pos = FAMILIES[family].reference(model, batch)
-    real = contract.check_hand_built(model, got, embeds, keep, batch["attention_mask"], pos)
+    if family.startswith("qwen3"):
+        embeds, taps, visual = deepstack_reference(model, batch)
+        real = check_deepstack(model, got, embeds, taps, visual, keep, batch["attention_mask"], pos)
+    else:
+        real = contract.check_hand_built(model, got, embeds, keep, batch["attention_mask"], pos)
     assert sum(int(r.sum()) for r in real) < int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def check_deepstack(model: nn.Module, got: Tensor, embeds: Tensor, taps: list[Tensor], visual: Tensor, keep: Tensor,
+                    attention_mask: Tensor, pos: Callable[[int, Tensor], Tensor],
+                    want_effect: bool = True) -> list[Tensor]:
+    """Qwen3-VL: per sample, the decoder on only the kept columns with their original position ids and the DeepStack
+    features of exactly the kept visual tokens (``visual_pos_masks`` of the kept sequence) gives ``got``'s logits;
+    without the DeepStack features it would not (so the check can fail)."""
+    out = []
+    for b in range(keep.shape[0]):
+        real = keep[b] & attention_mask[b].bool()
+        vis = visual[b][real]
+        args = {"inputs_embeds": embeds[b : b + 1, real], "position_ids": pos(b, real),
+                "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long)}
+        lm = model.model.language_model
+        hidden = lm(**args, visual_pos_masks=vis[None],
+                    deepstack_visual_embeds=[t[b, real][vis] for t in taps]).last_hidden_state
+        ref = model.lm_head(hidden)[0]
+        torch.testing.assert_close(got[b, -int(real.sum()):], ref, atol=2e-5, rtol=1e-4)
+        if want_effect and bool(vis.any()):
+            plain = model.lm_head(lm(**args).last_hidden_state)[0]
+            assert not torch.allclose(plain, ref, atol=1e-4), "DeepStack features had no effect"
+        out.append(real)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("method", ["temporal_pool", "sttm"])
+def test_deepstack_of_a_merged_token_is_its_members_mean(models, media, family, method):
+    """A merging method: each merged video token's DeepStack features are the mean of its members'."""
+    model, (batch, _) = models[family], media[family]
+    with vtoken.apply(model, method, keep=0.5) as handle:
+        got = logits(model, batch)
+        keep = kept_columns(handle, batch)
+        red, clips = handle.video, handle.adapter._clips
+    embeds, taps, visual = deepstack_reference(model, batch)
+    for i, tap in enumerate(taps):  # the merged tokens' values at their representatives' columns
+        rows = clips.sample[:, None].expand_as(red.indices)[red.mask]
+        cols = clips.columns.gather(1, red.indices.clamp(min=0))[red.mask]
+        members = torch.zeros(red.indices.shape[0], red.indices.shape[1], tap.shape[-1])
+        count = torch.zeros(red.indices.shape[0], red.indices.shape[1], 1)
+        for v in range(red.indices.shape[0]):
+            for j, slot in enumerate(red.assign[v].tolist()):
+                if slot >= 0:
+                    members[v, slot] += tap[clips.sample[v], clips.columns[v, j]]
+                    count[v, slot] += 1
+        taps[i] = tap.clone()
+        taps[i][rows, cols] = (members / count.clamp(min=1))[red.mask]
+    embeds[rows, cols] = red.tokens[red.mask]
+    check_deepstack(model, got, embeds, taps, visual, keep, batch["attention_mask"],
+                    FAMILIES[family].reference(model, batch)[1])
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

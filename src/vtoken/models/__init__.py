@@ -17,10 +17,11 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .pipeline import build_steps
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .vit import VitAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                 Qwen25VLAdapter, InternVLAdapter, Idefics3Adapter, VitAdapter]
+                                 Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Idefics3Adapter, VitAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter", "handle_of"]
 

@@ -214,7 +214,7 @@ class Qwen2VLAdapter(Adapter):
         unit = visual.spatial_merge_size ** 2
         assert self.capture is not None
         with self.capture.recording():
-            out = visual(kw[pixels].type(visual.dtype), grid_thw=grid_thw)
+            out = self.tower(kw[pixels], grid_thw)
         merged = out.pooler_output  # [S, D], raster order per image / frame
         dev = merged.device
         grid_thw = grid_thw.to(dev)
@@ -263,6 +263,10 @@ class Qwen2VLAdapter(Adapter):
         extra["positions"] = rope.permute(1, 2, 0)[sample[:, None], columns.clamp(min=0)].masked_fill(
             (columns < 0)[..., None], 0)  # [I, N, 3]
         return images
+
+    def tower(self, pixel_values: Tensor, grid_thw: Tensor) -> Any:
+        """The vision tower's output on ``pixel_values`` (images or video frames)."""
+        return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw)
 
     def to_tokens(self, x: Tensor, images: Images) -> Tensor:
         """Per-merged-token values ``[S, ...]`` in tower order -> ``[I, N, ...]`` (raster order, zero padding)."""

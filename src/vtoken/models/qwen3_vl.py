@@ -1,0 +1,127 @@
+"""Qwen3-VL and Qwen3-VL-MoE (``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``).
+
+The tower is Qwen2-VL's (fused ``qkv``, vision RoPE, attention segments per frame, a 2 x 2 ``PatchMerger``), so the
+adapter is :class:`~vtoken.models.qwen2_vl.Qwen2VLAdapter`'s, with two differences:
+
+- **DeepStack.** Tower blocks ``deepstack_visual_indexes`` each give a second set of merged tokens
+  (``deepstack_features``), which the language model adds to the hidden states of the visual positions after its
+  first decoder layers. They follow the kept tokens: a kept token brings its own DeepStack features, a merged token
+  the mean of its members'. The adapter hands the language model the compacted ``visual_pos_masks`` and
+  ``deepstack_visual_embeds`` itself (a forward pre-hook on the decoder, one prefill at a time).
+- **Videos** are laid out frame by frame, each frame ``<timestamp text> <vision_start> <video_pad> x n
+  <vision_end>``; ``get_rope_index`` numbers every frame as its own grid after its timestamp. Kept tokens keep those
+  original ids (timestamps are text and always stay), so a pruned frame leaves its timestamp in place.
+
+llm-stage methods are not supported here: they would shorten the sequence inside the decoder while DeepStack still
+adds features at the prefill's visual positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Reduction
+from .base import Images
+from .qwen2_vl import Qwen2VLAdapter
+
+
+def follow_members(values: Tensor, red: Reduction) -> Tensor:
+    """Per-token values of a reduction's inputs ``values [I, N, C]`` -> its outputs ``[I, K, C]``: a kept token's own
+    value, a merged token's the mean over the inputs assigned to it (0 on padding)."""
+    if red.assign is None:
+        idx = red.indices.clamp(min=0)
+        out = values.gather(1, idx[..., None].expand(*idx.shape, values.shape[-1]))
+        return out * red.mask[..., None]
+    i, k = red.indices.shape
+    slot = torch.where(red.assign >= 0, red.assign, k)  # [I, N]
+    out = values.new_zeros(i, k + 1, values.shape[-1]).scatter_add_(1, slot[..., None].expand_as(values), values)
+    count = torch.zeros(i, k + 1, dtype=values.dtype, device=values.device).scatter_add_(
+        1, slot, torch.ones_like(slot, dtype=values.dtype))
+    return (out / count.clamp(min=1)[..., None])[:, :k]
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's tower and M-RoPE, DeepStack features that follow the kept tokens, per-frame video blocks."""
+
+    family = "qwen3_vl"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen3VLForConditionalGeneration",
+                                                "Qwen3VLMoeForConditionalGeneration")
+    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
+
+    def __init__(self, model: nn.Module, steps: list[Any]) -> None:
+        super().__init__(model, steps)
+        self._deepstack: tuple[Tensor, list[Tensor]] | None = None
+        self._media: list[tuple[Images, Reduction]] = []
+        self._hook: Any = None
+
+    def attach(self, handle: Any) -> None:
+        super().attach(handle)
+        self._hook = self.inner.language_model.register_forward_pre_hook(self._inject, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._deepstack = None
+        super().detach()
+
+    def _inject(self, _module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        """The compacted prefill's DeepStack inputs, once (decode steps get none, as in the unpatched model)."""
+        if self._deepstack is None or kwargs.get("visual_pos_masks") is not None:
+            return None
+        mask, embeds = self._deepstack
+        self._deepstack = None
+        return args, {**kwargs, "visual_pos_masks": mask, "deepstack_visual_embeds": embeds}
+
+    # ---- encoding: keep the DeepStack features with the tokens --------------------------------------------------
+    def encode_media(self, kw: dict[str, Any], pixels: str, grid_key: str, token_id: int, kind: str) -> Images:
+        images = super().encode_media(kw, pixels, grid_key, token_id, kind)
+        deep = self._last_out.deepstack_features  # per tap [S, D], the merger's order
+        images.extra["deepstack"] = [self.to_tokens_merged(d, images) for d in deep]
+        return images
+
+    def to_tokens_merged(self, x: Tensor, images: Images) -> Tensor:
+        """Per-merged-token values in the merger's output order ``[S, D]`` -> ``[I, N, D]`` (zero padding)."""
+        ex = images.extra
+        out = x.new_zeros(*images.tokens.shape[:2], x.shape[-1])
+        out[ex["img"], ex["local"]] = x
+        return out
+
+    def tower(self, pixel_values: Tensor, grid_thw: Tensor) -> Any:
+        self._last_out = super().tower(pixel_values, grid_thw)
+        return self._last_out
+
+    # ---- splice: DeepStack inputs of the compacted prefill ------------------------------------------------------
+    def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        self._deepstack = None
+        return super().prefill_inputs(kw)
+
+    def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
+        assert self.handle is not None
+        media = []
+        if kw.get("pixel_values") is not None:
+            media.append((self._images, self.handle.last))
+        if kw.get("pixel_values_videos") is not None:
+            media.append((self._clips, self.handle.video))
+        out = super().splice(kw, input_ids, embeds, keep)
+        comp = self._state
+        assert comp is not None
+        b, length = input_ids.shape
+        visual = torch.zeros(b, length, dtype=torch.bool, device=input_ids.device)
+        taps: list[Tensor] | None = None
+        for vis, red in media:
+            deep = [follow_members(d, red) for d in vis.extra["deepstack"]]
+            if taps is None:
+                taps = [d.new_zeros(b, length, d.shape[-1]) for d in deep]
+            rows = vis.sample[:, None].expand_as(red.indices)[red.mask]
+            cols = vis.columns.gather(1, red.indices.clamp(min=0))[red.mask]
+            visual[rows, cols] = True
+            for full, d in zip(taps, deep, strict=True):
+                full[rows, cols] = d[red.mask].to(full.dtype)
+        if taps is not None:
+            mask = comp.take(visual)
+            self._deepstack = (mask, [comp.take(full)[mask] for full in taps])
+        return out
