@@ -52,7 +52,7 @@ def run_method(info: MethodInfo, tokens: Tensor, counts: Tensor | None = None, *
         raise ValueError(f"keep is required for method {info.name!r}: an int >= 1 or a float in (0, 1]")
     counts = torch.as_tensor(counts, device=tokens.device).long().expand(tokens.shape[0])
     counts = counts.minimum(n_valid).clamp(min=1).contiguous()
-    if bool((counts >= n_valid).all()):
+    if bool((counts >= n_valid).all()) and not info.cascade:  # a cascade's budget is not a count: it decides
         return identity_reduction(tokens, mask)
     return info.fn(tokens, counts, mask=mask, **signals, **knobs)
 

@@ -148,6 +148,14 @@ CATALOGUE: dict[str, Signal] = {
                             "whole sequence: PageRank-style power steps per head through the causal softmax(logits / "
                             "temperature) rows of EVERY token (ops.attention.attention_pagerank), heads combined by "
                             "root mean square.", "B N", llm=True, llm_qk=True),
+    "llm_frame_slots": Signal("[B, N] long, the frame slot of each visual token inside the LLM: tokens at one spatial "
+                              "position of the frames of one video share a slot (an image is one frame); different "
+                              "videos and images use disjoint slots; -1 on visual tokens in no frame (e.g. a video's "
+                              "trailing newline).", "B N", "int", llm=True),
+    "llm_state": Signal("[B, S] long, the state an llm-stage cascade (LLMSchedule(cascade=True)) carries from one of "
+                        "its calls to the next: its previous call's Reduction.extras['state'], CASCADE_START (-2) "
+                        "everywhere at the first; absent (or -1 everywhere), the call runs the whole cascade at once "
+                        "(vtoken.reduce).", "B S", "int", llm=True),
     "sizes": Signal("[B, N] float, how many original patches each token already represents (merging methods).",
                     "B N"),
 }

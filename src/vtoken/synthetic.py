@@ -75,6 +75,11 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
         return torch.softmax(x @ x.mean(1, keepdim=True).transpose(1, 2) / math.sqrt(d), dim=1)[..., 0]
     if name == "sizes":
         return torch.ones(b, n, device=dev)
+    if name == "llm_frame_slots":  # the frames of make_signal("video_grid"), one slot per position of a frame
+        frames = make_signal("video_grid", tokens)[0]
+        return torch.arange(n, device=dev).remainder(n // frames).expand(b, n).clone()
+    if name == "llm_state":  # a first call
+        return torch.full((b, 1), -1, dtype=torch.long, device=dev)
     if name in ("llm_hidden", "llm_embeds"):
         return x
     if name == "llm_keys":

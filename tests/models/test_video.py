@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import vtoken
 from tests.models import contract
 from tests.models.contract import kept_rows, logits
+from tests.models.tiny_llava_next import llava_next_video_inputs, tiny_llava_next_video
 from tests.models.tiny_onevision import onevision_media_inputs, tiny_onevision
 from tests.models.tiny_qwen import TINY as QWEN
 from tests.models.tiny_qwen import VIDEO_TOKEN as QWEN_VIDEO
@@ -117,16 +118,42 @@ def deepstack_reference(model: nn.Module, inputs: Inputs) -> tuple[Tensor, list[
     return embeds, taps, visual
 
 
+def _llava_next_video_inputs(model: nn.Module) -> tuple[Inputs, list[Inputs]]:
+    # two clips of 3 frames, AnyRes images (crops, newlines) in two samples
+    return llava_next_video_inputs(model, [[("video", None)], [("image", (64, 32)), ("video", None)],
+                                           [("image", (32, 64))]], [(3, 2), (2, 4), (5, 1)], frames=3, seed=5)
+
+
+@torch.no_grad()
+def _decoder_inputs(model: nn.Module, inputs: Inputs) -> tuple[Tensor, Callable[[int, Tensor], Tensor] | None]:
+    """The input embeddings (every visual feature at its placeholder, the model's own packing) and position ids the
+    UNPATCHED model hands its decoder for ``inputs``."""
+    seen: dict[str, Any] = {}
+
+    def hook(_module, _args, kwargs):
+        seen.update(kwargs)
+
+    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        h.remove()
+    pos = seen.get("position_ids")
+    return seen["inputs_embeds"].clone(), None if pos is None else (lambda b, columns: pos[b : b + 1, columns])
+
+
 FAMILIES = {
     "qwen2_vl": VideoFamily(QWEN["qwen2_vl"], _qwen_inputs(False), _qwen_reference),
     "qwen2_5_vl": VideoFamily(QWEN["qwen2_5_vl"], _qwen_inputs(True), _qwen_reference),
     "llava_onevision": VideoFamily(tiny_onevision, _onevision_inputs, _onevision_reference),
+    "llava_next_video": VideoFamily(tiny_llava_next_video, _llava_next_video_inputs, _decoder_inputs),
     "qwen3_vl": VideoFamily(QWEN3["qwen3_vl"], _qwen3_inputs, _qwen_reference),
     "qwen3_vl_moe": VideoFamily(QWEN3["qwen3_vl_moe"], _qwen3_inputs, _qwen_reference),
 }
-#: every method that reads a video's frame layout, and image methods per frame (token-, attention- and grid-based)
+#: every method that reads a video's frame layout
 VIDEO_METHODS = contract.supported(Qwen2VLAdapter, video=True)
-PER_FRAME = ["divprune", "visionzip", "pool", "uniform"]
+#: image methods per frame; aim_merge per frame (its contract: one frame a row), centerclip per segment (frame_ids)
+PER_FRAME = ["divprune", "visionzip", "pool", "uniform", "aim_merge", "centerclip"]
 METHODS = VIDEO_METHODS + PER_FRAME
 #: others: half the clip (a video method) or of each frame (an image method); fastvid needs a context token a frame
 KEEP = {"pool": 0.25, "uniform": 2, "fastvid": 0.75}
@@ -155,7 +182,7 @@ def reference(models, media) -> dict[str, tuple[Tensor, Tensor]]:
 def test_every_video_method_is_in_the_contract():
     assert {"evs", "vidcom2", "dycoke", "sttm", "frame_stride", "temporal_pool"} <= set(VIDEO_METHODS)
     for method in VIDEO_METHODS:
-        assert {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl"} <= set(families_supporting(
+        assert {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "llava_next_video"} <= set(families_supporting(
             get_method(method))), method
 
 
@@ -375,4 +402,65 @@ def test_a_frame_layout_method_after_another_is_refused(models):
     model = models["qwen2_vl"]
     with pytest.raises(ValueError, match="'evs' reads whole video frames"):
         vtoken.apply(model, ["divprune", "evs"], keep=0.5)
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_aim_merge_runs_per_frame_and_centerclip_per_segment(models, media, family):
+    """aim_merge (no frame layout signal) merges within each frame, ``keep`` per frame; centerclip reads
+    ``frame_ids`` and clusters each segment of ``segment_frames`` frames under the clip's budget."""
+    model, (batch, _) = models[family], media[family]
+    sizes = clip_sizes(model, batch)
+    with vtoken.apply(model, "aim_merge", keep=0.5) as handle:
+        logits(model, batch)
+        counts = handle.video.extras["frame_counts"]
+        grids = handle.adapter._clips.extra["video_grids"]
+    per_frame = (grids[:, 1] * grids[:, 2]) // 2
+    for v, t in enumerate(grids[:, 0].tolist()):
+        assert counts[v, :t].tolist() == [int(per_frame[v])] * t
+    with vtoken.apply(model, "centerclip", keep=0.5, segment_frames=1) as handle:
+        logits(model, batch)
+        assert handle.video.mask.sum(1).tolist() == [(n + 1) // 2 for n in sizes]
+
+
+def _another_question(one: Inputs, seed: int) -> Inputs:
+    """The same video (same pixels) with other text around it, three tokens longer (the placeholders move)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = one["input_ids"]
+    text = ids < 200
+    ids = torch.where(text, torch.randint(1, 200, ids.shape, generator=g), ids)
+    ids = torch.cat([torch.randint(1, 200, (1, 3), generator=g), ids], dim=1)
+    out = {**one, "input_ids": ids}
+    if "mm_token_type_ids" in one:
+        out["mm_token_type_ids"] = torch.cat([torch.zeros(1, 3, dtype=one["mm_token_type_ids"].dtype),
+                                              one["mm_token_type_ids"]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduce_once_ask_many(models, media, family):
+    """``reuse_videos=True`` with a query-agnostic method (sttm): the same clip asked about again is neither encoded
+    nor reduced again, and every answer equals the one computed from scratch; a query-aware method is refused."""
+    model, (_, alone) = models[family], media[family]
+    first = alone[0]
+    questions = [first, _another_question(first, 1), _another_question(first, 2)]
+    tower = getattr(model.model, "visual", None) or model.model.vision_tower
+    calls = []
+    h = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with vtoken.apply(model, "sttm", keep=0.5) as plain:
+            want = [logits(model, q) for q in questions]
+            reductions = [kept_rows(plain.video.indices) for _ in questions]
+        calls.clear()
+        with vtoken.apply(model, "sttm", keep=0.5, reuse_videos=True) as handle:
+            for q, ref, kept in zip(questions, want, reductions, strict=True):
+                torch.testing.assert_close(logits(model, q), ref, atol=2e-5, rtol=1e-4)
+                assert kept_rows(handle.video.indices) == kept
+            out = model.generate(**questions[1], **GEN)
+        assert len(calls) == 1, "the video was encoded more than once"
+        assert out.shape[1] == questions[1]["input_ids"].shape[1] + GEN["max_new_tokens"]
+    finally:
+        h.remove()
+    with pytest.raises(ValueError, match="query-agnostic"):
+        vtoken.apply(model, "mmtok", keep=0.5, reuse_videos=True)
     assert "forward" not in model.__dict__

@@ -83,3 +83,20 @@ def llava_inputs(model, lengths: list[tuple[int, int]] | None = None, seed: int 
 def llava_sample(inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
     """Sample ``b`` of :func:`llava_inputs` alone, without padding."""
     return {"input_ids": unpadded_ids(inputs, b), "pixel_values": inputs["pixel_values"][b : b + 1]}
+
+
+def stack_samples(alone: list[dict[str, torch.Tensor]], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Samples alone (``input_ids [1, L_b]`` and their media) -> one left-padded batch: ``input_ids``,
+    ``attention_mask`` and, per key in ``keys`` that some sample has, the samples' tensors concatenated in order
+    (5-D ``[n, views, C, H, W]`` pixels zero-padded to the most views)."""
+    ids, mask = left_pad([a["input_ids"][0] for a in alone])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for key in keys:
+        got = [a[key] for a in alone if key in a]
+        if not got:
+            continue
+        if got[0].dim() == 5:
+            views = max(t.shape[1] for t in got)
+            got = [torch.cat([t, t.new_zeros(t.shape[0], views - t.shape[1], *t.shape[2:])], 1) for t in got]
+        batch[key] = torch.cat(got)
+    return batch

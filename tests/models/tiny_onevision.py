@@ -14,7 +14,7 @@ from transformers import (
 )
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from tests.models.tiny import TOWER, build, left_pad, text_config, text_tokens, unpadded_ids
+from tests.models.tiny import TOWER, build, left_pad, stack_samples, text_config, text_tokens, unpadded_ids
 
 IMAGE_TOKEN = 250
 VIDEO_TOKEN = 251
@@ -129,16 +129,4 @@ def onevision_media_inputs(model, samples: list[list[tuple[str, Any]]], lengths:
         parts.append(text_tokens(s, g))
         one["input_ids"] = torch.cat(parts)[None]
         alone.append(one)
-    ids, mask = left_pad([a["input_ids"][0] for a in alone])
-    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
-    images = [a for a in alone if "pixel_values" in a]
-    if images:
-        views = max(a["pixel_values"].shape[1] for a in images)
-        pad = [torch.zeros(1, views - a["pixel_values"].shape[1], 3, side, side) for a in images]
-        batch["pixel_values"] = torch.cat([torch.cat([a["pixel_values"], z], 1)
-                                           for a, z in zip(images, pad, strict=True)])
-        batch["image_sizes"] = torch.cat([a["image_sizes"] for a in images])
-    videos = [a["pixel_values_videos"] for a in alone if "pixel_values_videos" in a]
-    if videos:
-        batch["pixel_values_videos"] = torch.cat(videos)
-    return batch, alone
+    return stack_samples(alone, ("pixel_values", "image_sizes", "pixel_values_videos")), alone

@@ -11,7 +11,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from tests.models.tiny import TEXT, VOCAB, build, left_pad, text_tokens, unpadded_ids
+from tests.models.tiny import TEXT, VOCAB, build, left_pad, stack_samples, text_tokens, unpadded_ids
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
 PATCH, TEMPORAL = 2, 2
@@ -97,12 +97,13 @@ Media = tuple[str, tuple[int, ...]]
 
 
 def qwen_media_inputs(samples: list[list[Media]], lengths: list[tuple[int, int]], seed: int = 0,
-                      seconds: list[float] | None = None) -> tuple[Inputs, list[Inputs]]:
+                      seconds: list[float] | None = None, timestamps: bool = False) -> tuple[Inputs, list[Inputs]]:
     """Left-padded inputs of samples holding images and videos, and each sample alone (unpadded, its own pixels).
 
     Sample ``b`` is ``prefix`` text, its media in order (each ``<start><pad> x (t * h * w / 4)<end>``, ``<image>`` or
     ``<video>`` pads) and ``suffix`` text (``lengths[b]``). Videos have ``t`` temporal patches of ``h x w`` patches;
-    ``seconds`` (per video, in order) become ``second_per_grid_ts`` (Qwen2.5-VL's M-RoPE time scale)."""
+    ``seconds`` (per video, in order) become ``second_per_grid_ts`` (Qwen2.5-VL's M-RoPE time scale). With
+    ``timestamps`` (Qwen3-VL's layout) every frame is its own block after a 2-token timestamp text."""
     g = torch.Generator().manual_seed(seed)
     alone, secs = [], iter(seconds or [])
     for media, (p, s) in zip(samples, lengths, strict=True):
@@ -113,7 +114,10 @@ def qwen_media_inputs(samples: list[list[Media]], lengths: list[tuple[int, int]]
         for kind, size in media:
             t, h, w = (1, *size) if kind == "image" else size
             pad = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
-            parts += [torch.tensor([VISION_START]), torch.full((t * h * w // 4,), pad), torch.tensor([VISION_END])]
+            for _ in range(t if timestamps and kind == "video" else 1):
+                n = h * w // 4 if timestamps and kind == "video" else t * h * w // 4
+                parts += [text_tokens(2, g)] if timestamps and kind == "video" else []
+                parts += [torch.tensor([VISION_START]), torch.full((n,), pad), torch.tensor([VISION_END])]
             pix[kind].append(torch.randn(t * h * w, PIXELS, generator=g))
             thw[kind].append([t, h, w])
             if kind == "video" and seconds is not None:
@@ -128,11 +132,8 @@ def qwen_media_inputs(samples: list[list[Media]], lengths: list[tuple[int, int]]
             if seconds is not None:
                 one["second_per_grid_ts"] = torch.tensor(sec)
         alone.append(one)
-    ids, mask = left_pad([a["input_ids"][0] for a in alone])
-    batch = {"input_ids": ids, "attention_mask": mask,
-             "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-        got = [a[key] for a in alone if key in a]
-        if got:
-            batch[key] = torch.cat(got)
+    batch = stack_samples(alone, ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                  "second_per_grid_ts"))
+    ids = batch["input_ids"]
+    batch["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
     return batch, alone

@@ -68,3 +68,23 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str, atol: flo
     got = torch.as_tensor(got).cpu()
     assert tuple(got.shape) == tuple(expected.shape), f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     torch.testing.assert_close(got.to(expected.dtype), expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_keys(case: Case, params: dict[str, Any], required: set[str], optional: set[str] = frozenset(),
+               outputs: dict[str, Any] | None = None, compared: set[str] | None = None,
+               inputs: dict[str, Any] | None = None, mapped: set[str] | None = None) -> None:
+    """Fail (naming the case) on a parameter the adapter does not map or a required one missing, on an expected
+    output it does not compare (``outputs`` vs ``compared``) and on inputs other than ``mapped``: held-back cases of
+    the same format must not pass by being silently half-read."""
+    unknown = sorted(set(params) - required - optional)
+    if unknown:
+        pytest.fail(f"{case}: case parameters {unknown} are not mapped by this adapter")
+    missing = sorted(required - set(params))
+    if missing:
+        pytest.fail(f"{case}: case parameters {missing} missing")
+    if outputs is not None and compared is not None:
+        stray = sorted(set(outputs) - compared)
+        if stray:
+            pytest.fail(f"{case}: expected outputs {stray} are not compared by this adapter")
+    if inputs is not None and mapped is not None and set(inputs) != mapped:
+        pytest.fail(f"{case}: inputs {sorted(inputs)} are not mapped by this adapter (expected {sorted(mapped)})")

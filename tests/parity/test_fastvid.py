@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import vtoken
-from tests.parity.fixtures import Case, assert_close, assert_exact, cases
+from tests.parity.fixtures import Case, assert_close, assert_exact, cases, check_keys
 from vtoken.methods.fastvid import official_keep
 
 #: official hyper-parameter -> knob of vtoken's fastvid
@@ -41,17 +41,7 @@ def _grid(frames: int, p: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("case", cases("fastvid"))
 def test_fastvid_parity(case: Case) -> None:
     ins, exp, params = case.load()
-    unknown = sorted(set(params) - PARAMS)
-    if unknown:
-        pytest.fail(f"{case}: case parameters {unknown} are not mapped by this adapter")
-    missing = sorted(PARAMS - set(params))
-    if missing:
-        pytest.fail(f"{case}: case parameters {missing} missing")
-    stray = sorted(set(exp) - OUTPUTS)
-    if stray:
-        pytest.fail(f"{case}: expected outputs {stray} are not compared by this adapter")
-    if set(ins) != INPUTS:
-        pytest.fail(f"{case}: inputs {sorted(ins)} are not mapped by this adapter (expected {sorted(INPUTS)})")
+    check_keys(case, params, PARAMS, outputs=exp, compared=OUTPUTS, inputs=ins, mapped=INPUTS)
 
     embeds = ins["inputs_embeds"]
     assert embeds.shape[0] == 1, f"{case}: the official block runs on batch 1"

@@ -12,7 +12,6 @@ from tests.parity.fixtures import fixtures_root
 HERE = Path(__file__).parent
 # fixture sets whose methods belong to later issues: the directory and the issue that implements it
 PENDING = {
-    "framefusion": "issue 13 (video): FrameFusion",
     "pitome": "issue 15 (encoder stage in VLM towers): PiToMe",
     "dymu": "issue 15 (encoder stage in VLM towers): DyMU",
 }

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import vtoken
-from tests.parity.fixtures import Case, assert_close, assert_exact, cases
+from tests.parity.fixtures import Case, assert_close, assert_exact, cases, check_keys
 from vtoken.methods.holitom import holitom_llm_merge, llm_keep_count, official_keep
 
 REQUIRED = {"RETAIN_RATIO", "T", "mm_newline_position", "mm_spatial_pool_mode", "noise_seed"}
@@ -79,15 +79,7 @@ def with_newlines(red: vtoken.Reduction, newline: torch.Tensor, layout: str, p: 
 
 
 def check_params(case: Case, p: dict, ins: dict, exp: dict) -> bool:
-    unknown = sorted(set(p) - REQUIRED - OPTIONAL)
-    if unknown:
-        pytest.fail(f"{case}: case parameters {unknown} are not mapped by this adapter")
-    missing = sorted(REQUIRED - set(p))
-    if missing:
-        pytest.fail(f"{case}: case parameters {missing} missing")
-    stray = sorted(set(exp) - OUTPUTS)
-    if stray:
-        pytest.fail(f"{case}: expected outputs {stray} are not compared by this adapter")
+    check_keys(case, p, REQUIRED, OPTIONAL, outputs=exp, compared=OUTPUTS)
     inner = "HOLITOM_k" in p and "HOLITOM_r" in p
     want = INPUTS | (INNER_INPUTS if inner else set())
     if set(ins) != want:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vtoken
-from tests.parity.fixtures import Case, assert_close, assert_exact, cases
+from tests.parity.fixtures import Case, assert_close, assert_exact, cases, check_keys
 
 PARAMS = {"video_size_thw", "spatial_merge_size", "q"}
 #: every output the manifest's cases may carry; an unknown one fails the test (the adapter would not compare it)
@@ -35,17 +35,7 @@ def retained_count(tokens_per_frame: int, frames: int, q: float) -> int:
 @pytest.mark.parametrize("case", cases("vidcom2"))
 def test_vidcom2_parity(case: Case) -> None:
     ins, exp, p = case.load()
-    unknown = sorted(set(p) - PARAMS)
-    if unknown:
-        pytest.fail(f"{case}: case parameters {unknown} are not mapped by this adapter")
-    missing = sorted(PARAMS - set(p))
-    if missing:
-        pytest.fail(f"{case}: case parameters {missing} missing")
-    stray = sorted(set(exp) - OUTPUTS)
-    if stray:
-        pytest.fail(f"{case}: expected outputs {stray} are not compared by this adapter")
-    if set(ins) != {"video_embeds"}:
-        pytest.fail(f"{case}: inputs {sorted(ins)} are not mapped by this adapter (expected video_embeds)")
+    check_keys(case, p, PARAMS, outputs=exp, compared=OUTPUTS, inputs=ins, mapped={"video_embeds"})
 
     t, hh, ww = (int(v) for v in p["video_size_thw"])
     m, q = int(p["spatial_merge_size"]), float(p["q"])

@@ -145,6 +145,9 @@ class SignalSpec(Mapping[str, Any]):
 
 
 _SCHEDULE_ARGS = {"layers": ("depth",), "counts": ("n", "keep", "images", "depth")}
+#: every entry of the ``llm_state`` a cascade's first call gets from the language-model driver (a stepwise run, one
+#: call per layer); a call without ``llm_state`` (``vtoken.reduce``) runs the whole cascade itself
+CASCADE_START = -2
 
 
 @dataclass(frozen=True)
@@ -152,10 +155,19 @@ class LLMSchedule:
     """Where and how much an ``llm``-stage method prunes inside a language model of ``depth`` decoder layers.
 
     ``layers(depth, *, <knobs>) -> list[int]``: the decoder layers BEFORE which the method runs (ascending, each in
-    ``[1, depth)``; its signals come from the layer before); a bad knob is a ``ValueError`` naming it.
+    ``[1, depth)``; its signals come from the layer before; ``0``, before the first layer, only for a method whose
+    attention signals are optional there); a bad knob is a ``ValueError`` naming it.
     ``counts(n, keep, images[, depth], *, <knobs>) -> list[Tensor]``: per layer, ``[B]`` long visual tokens kept per
     sample, from ``n [B]`` visual tokens entering the language model, ``images [B]`` images per sample and ``keep``
     (see :func:`vtoken.methods._schedule.resolve_llm_keep`).
+
+    ``cascade=True``: a stateful method whose stopping depends on the data (FrameFusion). Its step runs at each of
+    its layers in turn, every sample's budget given as ``counts`` (not clipped to, nor skipped on, the visual tokens
+    present: the step decides what it keeps, keep=all included), and returns ``extras["state"]`` (``[B, S]`` long,
+    handed to its next call as the ``llm_state`` signal; its first call gets :data:`CASCADE_START` in every entry)
+    and ``extras["done"]`` (``[B]`` bool); once every sample is done its later layers are skipped. Called without
+    ``llm_state`` (``vtoken.reduce``) the step runs the whole cascade on the given tokens, as if the layers between
+    its calls were identities.
 
     The schedule knobs (where the method prunes: ``layer``, ``layers``, ``ref_depth``, ...) are declared ONCE, as
     keyword parameters with defaults and annotations of ``layers``; ``counts`` may name any of them (or of the step's
@@ -165,6 +177,7 @@ class LLMSchedule:
 
     layers: Callable[..., list[int]]
     counts: Callable[..., list[Any]]
+    cascade: bool = False
     #: the schedule knobs' defaults (from ``layers``' signature) and the keywords each function takes
     knobs: dict[str, Any] = field(init=False)
     layer_params: frozenset[str] = field(init=False)
@@ -297,6 +310,11 @@ class MethodInfo:
     def all_signals(self) -> tuple[str, ...]:
         """Required then optional signals."""
         return (*self.signals, *self.optional_signals)
+
+    @property
+    def cascade(self) -> bool:
+        """Whether this is an ``llm``-stage cascade (:class:`LLMSchedule` ``cascade=True``)."""
+        return self.schedule is not None and self.schedule.cascade
 
     @property
     def schedule_knobs(self) -> frozenset[str]:

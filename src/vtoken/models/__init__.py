@@ -14,14 +14,16 @@ from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .pipeline import build_steps
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .vit import VitAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                 Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Idefics3Adapter, VitAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
+                                 Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Idefics3Adapter,
+                                 VitAdapter]
 
 __all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "families_supporting", "find_adapter", "handle_of"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,10 +25,47 @@ from ..core import Reduction, reduction_from_indices, signals_where
 from ..methods import MethodInfo, SignalSpec
 from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
 from .hf import cache_of, cached_length, padding_mask
-from .llm import LLM_SIGNALS, DecoderPruner
+from .llm import LLM_SIGNALS, DecoderPruner, frame_slots
 from .pipeline import Step, run_steps
 from .sequence import Compaction, compact
 from .video import VIDEO_SIGNALS, check_video_steps, frame_means, place_tokens, reduce_clips
+
+#: signals that depend on the prompt (a method reading one is not query-agnostic)
+QUERY_SIGNALS = frozenset({"text", "text_mask", "positions"})
+
+
+class VideoMemo:
+    """The last few reduced videos by content (``apply(..., reuse_videos=True)``): the same clip asked about again is
+    neither encoded nor reduced again. Keyed by a hash of the pixels and of the layout arguments."""
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[Any, Reduction]] = {}
+
+    @staticmethod
+    def key(kw: dict[str, Any], pixels: str) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for name in (pixels, "video_grid_thw", "second_per_grid_ts", "vision_feature_layer"):
+            value = kw.get(name)
+            if isinstance(value, Tensor):
+                t = value.detach().contiguous().cpu()
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            elif value is not None:
+                h.update(f"{name}{value!r}".encode())
+        return h.hexdigest()
+
+    def get(self, key: str | None) -> tuple[Any, Reduction] | None:
+        return None if key is None else self.entries.get(key)
+
+    def put(self, key: str | None, clips: Any, red: Reduction) -> None:
+        if key is None:
+            return
+        self.entries[key] = (clips, red)
+        while len(self.entries) > self.SIZE:
+            self.entries.pop(next(iter(self.entries)))
+
 
 #: signals that only a [CLS] query row gives (a view of the catalogue; towers without one run the method's declared
 #: fallback, ``SignalSpec.without_cls``, or cannot run it)
@@ -158,7 +196,7 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ("pre_llm", "llm", "video")
     #: signals the family can provide
     provides: ClassVar[frozenset[str]] = frozenset()
-    #: apply() options the family itself takes (not method knobs)
+    #: apply() options the family itself takes (not method knobs); video families take ``reuse_videos``
     options: ClassVar[tuple[str, ...]] = ()
     #: whether the vision tower has a [CLS] token; without one a [CLS] signal (``Signal.cls``) is the method's declared
     #: fallback (``SignalSpec.without_cls``, computed by :meth:`received_attention`) or the method cannot run
@@ -166,7 +204,9 @@ class Adapter:
     #: the vision layer a ``SignalSpec(feature_layer=True)`` reads for LLaVA's select layer ``-2`` (``None``: -2)
     select_layer: int | None = None
 
-    def __init__(self, model: nn.Module, steps: list[Step]) -> None:
+    def __init__(self, model: nn.Module, steps: list[Step], reuse_videos: bool = False) -> None:
+        if not isinstance(reuse_videos, bool):
+            raise TypeError(f"reuse_videos must be True or False, got {reuse_videos!r}")
         self.model = model
         #: the steps run on the visual tokens before the language model; ``llm_steps`` run inside it
         #: steps on videos: image methods per frame, then video methods per clip (:mod:`vtoken.models.video`)
@@ -174,6 +214,15 @@ class Adapter:
         #: steps on images: every pre-LLM step that does not need a video's frame layout
         self.steps = [s for s in self.video_steps if not VIDEO_SIGNALS & set(s.info.signals)]
         self.llm_steps = [s for s in steps if s.info.stage == "llm"]
+        if reuse_videos:
+            aware = [s.info.name for s in self.video_steps
+                     if QUERY_SIGNALS & {*s.info.signals, *s.info.optional_signals}] or [s.info.name
+                                                                                          for s in self.llm_steps]
+            if aware:
+                raise ValueError(f"reuse_videos=True reuses a video's reduction across prompts, so every method must "
+                                 f"be query-agnostic; {aware} read the prompt")
+        #: the last reduced videos by content (``reuse_videos``): fingerprint -> (clips, reduction)
+        self.video_memo: VideoMemo | None = VideoMemo() if reuse_videos else None
         self.llm: DecoderPruner | None = None
         self.handle: Handle | None = None
         self.capture: QKCapture | None = None
@@ -424,8 +473,17 @@ class Adapter:
             self.place_images(kw, input_ids, embeds, keep)
         key = self.video_key()
         if key is not None and kw.get(key) is not None:
-            clips = self._clips = self.encode_videos(kw)
-            video = self.reduce_videos(clips, kw)
+            memo = self.video_memo
+            key = memo.key(kw, key) if memo is not None else None
+            hit = memo.get(key) if memo is not None else None
+            if hit is not None:  # the same videos again: their reduction, placed in this prompt
+                clips, video = self.relocate_videos(kw, hit[0]), hit[1]
+            else:
+                clips = self.encode_videos(kw)
+                video = self.reduce_videos(clips, kw)
+                if memo is not None:
+                    memo.put(key, clips, video)
+            self._clips = clips
             place_tokens(embeds, keep, clips.columns, clips.sample, video)
             if "fixed" in clips.extra:  # placeholders that are not clip tokens (e.g. a newline after each clip)
                 rows, cols, values = clips.extra["fixed"]
@@ -456,6 +514,28 @@ class Adapter:
         values)``, placeholders that always stay and the values they get (a clip's trailing newline). Video families
         implement it."""
         raise NotImplementedError
+
+    def relocate_videos(self, kw: dict[str, Any], clips: Images) -> Images:
+        """Clips encoded for another prompt, placed in this one: the same tokens, the placeholder columns (and
+        ``extra["fixed"]`` ones) of this prompt's video placeholders, in order."""
+        ids = kw["input_ids"]
+        rows, cols = self.video_token_mask(ids).nonzero(as_tuple=True)
+        n = (clips.columns >= 0).sum(1)
+        fixed = clips.extra.get("fixed")
+        per = n + (1 if fixed is not None else 0)  # placeholders per clip (a fixed one follows its tokens)
+        if rows.numel() != int(per.sum()):
+            raise ValueError(f"reuse_videos: the prompt has {rows.numel()} video placeholders, the reused videos need "
+                             f"{int(per.sum())}")
+        start = per.cumsum(0) - per
+        local = torch.arange(clips.columns.shape[1], device=ids.device)
+        at = (start[:, None] + local[None, :]).clamp(max=rows.numel() - 1)
+        columns = torch.where(local[None, :] < n[:, None], cols[at], -1)
+        sample = rows[start]
+        extra = dict(clips.extra)
+        if fixed is not None:
+            last = start + per - 1
+            extra["fixed"] = (rows[last], cols[last], fixed[2])
+        return dataclasses.replace(clips, columns=columns, sample=sample, extra=extra)
 
     def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
         """One signal for the clips, ``[V, N, ...]`` over their padded tokens (``video_grid`` and ``frame_ids`` are
@@ -519,8 +599,13 @@ class Adapter:
             g = comp.gather
             visual = self.visual_token_mask(input_ids) & keep
             visual = visual.gather(1, g.clamp(min=0)) & (g >= 0)
+            # vtoken/framefusion: the frame slot of every column (llm_frame_slots, -1 on text) from this prefill's
+            # images and clips (handle.video is set only with videos; a video-only prefill's _images are its clips)
+            clips = self._clips if self.handle is not None and self.handle.video is not None else None
+            slots = frame_slots(None if self._images is clips else self._images, clips, *input_ids.shape,
+                                input_ids.device)
             self.llm.arm(visual, comp.attention_mask.bool(), self.images_per_sample(self._images, input_ids.shape[0]),
-                         alone)
+                         alone, comp.take(slots, fill=-1))
         last = positions if pos_dim == 1 else positions.amax(0)
         self._next_position = last.amax(1) + 1
         return kw

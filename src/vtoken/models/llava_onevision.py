@@ -121,6 +121,7 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
                           "text_mask", "grid", "positions", "sizes", "crop_ids", "video_grid", "frame_ids",
                           "frame_features"})
     has_cls = False  # SigLIP
+    options = ("reuse_videos",)
 
     # ---- model parts ------------------------------------------------------------------------------------------
     @property
@@ -150,18 +151,22 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         return cfg.image_size // cfg.patch_size
 
     # ---- encoding ---------------------------------------------------------------------------------------------
-    def encode(self, kw: dict[str, Any]) -> Images:
-        """Per-view :class:`Images` (``V`` rows of ``g^2`` slots) with the packing in ``extra``."""
+    def feature_choice(self, kw: dict[str, Any]) -> tuple[str, int | list[int]]:
+        """The call's (or config's) ``vision_feature_select_strategy`` (must be ``"full"``) and feature layer."""
         cfg = self.model.config
-        image_sizes = kw.get("image_sizes")
-        if image_sizes is None:
-            raise ValueError("llava_onevision adapter: image_sizes is required with pixel_values")
         strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         if strategy != "full":
             raise ValueError(f"llava_onevision adapter: vision_feature_select_strategy={strategy!r} would drop a patch "
                              "token of the CLS-free SigLIP tower; vtoken supports 'full'")
         layer = kw.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
+        return strategy, cfg.vision_feature_layer if layer is None else layer
+
+    def encode(self, kw: dict[str, Any]) -> Images:
+        """Per-view :class:`Images` (``V`` rows of ``g^2`` slots) with the packing in ``extra``."""
+        image_sizes = kw.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("llava_onevision adapter: image_sizes is required with pixel_values")
+        strategy, layer = self.feature_choice(kw)
         bni = kw.get("batch_num_images")
         assert self.capture is not None
         with self.capture.recording():
@@ -270,13 +275,7 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         """Videos as the model lays them out: every frame through the tower and the projector, 2 x 2 bilinear pooling
         (``ceil(g / 2)`` tokens a side), the frames one after another, then ONE ``image_newline`` (kept, not a clip
         token: ``extra["fixed"]``)."""
-        cfg = self.model.config
-        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        if strategy != "full":
-            raise ValueError(f"llava_onevision adapter: vision_feature_select_strategy={strategy!r} would drop a patch "
-                             "token of the CLS-free SigLIP tower; vtoken supports 'full'")
-        layer = kw.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy, layer = self.feature_choice(kw)
         pixels = kw["pixel_values_videos"]
         v, f = pixels.shape[:2]
         assert self.capture is not None
@@ -356,6 +355,8 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
                           images.columns.shape[1])
 
     def images_per_sample(self, images: Images, batch: int) -> Tensor:
+        if "view_image" not in images.extra:  # a video-only prefill: its clips
+            return super().images_per_sample(images, batch)
         first = torch.ones_like(images.sample, dtype=torch.bool)
         first[1:] = images.extra["view_image"][1:] != images.extra["view_image"][:-1]
         return torch.bincount(images.sample[first], minlength=batch)

@@ -18,6 +18,12 @@ slot, ``-1`` on padding it added.
   attention mask of its layout (the model's full-length ones gathered / rebuilt once per layout; kept tokens keep
   their original positions, 1-D or M-RoPE, as the rotary rows are gathered). Its KV cache therefore holds only the
   kept tokens; layers before ``K`` hold every token.
+* **Cascades** (``LLMSchedule(cascade=True)``, FrameFusion): a step planned at several layers (``0`` included: before
+  the first layer, on the input embeddings, without attention signals) whose stopping depends on the data. Each call
+  gets the step's previous ``extras["state"]`` as ``llm_state`` and every sample's budget as ``counts`` unclipped;
+  a call that removes nothing leaves the layout as it is, and once ``extras["done"]`` holds for every sample the
+  step's later layers are skipped (and their attention no longer captured). ``llm_frame_slots`` is the frame slot
+  map the adapter passes to :meth:`DecoderPruner.arm` (:func:`frame_slots`).
 * **Decode.** The model still sizes its mask for layer 0's cache (every prompt token). Each pruned layer gets its
   own: its cache slots (padding masked), the generated tokens' columns as the model's mask has them, and the unused
   columns of a static cache's pre-allocated buffer, masked.
@@ -42,6 +48,7 @@ from torch import Tensor, nn
 from ..api import run_method
 from ..core import Reduction, gather_rows, signals_where
 from ..methods import SignalSpec
+from ..methods.registry import CASCADE_START
 from ..ops.attention import attention_pagerank
 from .hf import allows, attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
 from .pipeline import Step
@@ -56,6 +63,41 @@ _NEEDS_QK = signals_where(llm_qk=True)
 _TEXT = signals_where(llm_text=True)
 _EMBEDS = signals_where(llm_embeds=True)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def frame_slots(images: Any, clips: Any, batch: int, length: int, device: torch.device) -> Tensor:
+    """``[B, L]`` long: the frame slot of every column of a prompt (the ``llm_frame_slots`` signal), ``-1`` on text
+    and on visual placeholders of no frame (a clip's trailing newline).
+
+    ``images`` / ``clips``: the prefill's images and videos (:class:`~vtoken.models.base.Images`, or ``None``): rows
+    of ``columns [R, N]`` (``-1`` on padding) of samples ``sample [R]``. A clip's token ``j`` of ``T x H x W``
+    (``extra["video_grids"] [R, 3]``) has slot ``j % (H * W)`` (its position within its frame); an image is one
+    frame (slot ``j``). Every medium of a sample gets its own range of slots (images first, then clips, in row
+    order), so tokens of different media never share one.
+    """
+    out = torch.full((batch, length), -1, dtype=torch.long, device=device)
+    free = torch.zeros(batch, dtype=torch.long, device=device)  # the next unused slot of each sample
+    for media, video in ((images, False), (clips, True)):
+        if media is None:
+            continue
+        cols, sample = media.columns.to(device), media.sample.to(device)
+        r, n = cols.shape
+        j = torch.arange(n, device=device).expand(r, n)
+        if video:
+            grids = media.extra["video_grids"].to(device)
+            per = (grids[:, 1] * grids[:, 2]).long()
+            local = j % per[:, None]
+        else:
+            per = torch.full((r,), n, dtype=torch.long, device=device)
+            local = j
+        used = torch.zeros(r, batch, dtype=torch.long, device=device)
+        used[torch.arange(r, device=device), sample] = per
+        before = (used.cumsum(0) - used).gather(1, sample[:, None])[:, 0]  # slots of the sample's earlier rows
+        offset = free[sample] + before
+        free = free + used.sum(0)
+        ok = cols >= 0
+        out[sample[:, None].expand(r, n)[ok], cols[ok]] = (offset[:, None] + local)[ok]
+    return out
 
 
 def take_seq(x: Tensor, cols: Tensor, seq_dim: int) -> Tensor:
@@ -235,7 +277,17 @@ class DecoderPruner:
             layers = step.info.schedule.plan_layers(depth, knobs)
             self.plan += [Planned(layer, step, s, knobs) for s, layer in enumerate(layers)]
         self.plan.sort(key=lambda p: p.layer)  # stable: steps in stage order at a shared layer
-        self.capture_layers = sorted({p.layer - 1 for p in self.plan if source(p.step.info) == "previous"})
+        for p in self.plan:  # before the first layer there is no layer before to read attention signals from
+            need = _NEEDS_QK & set(p.step.info.signals)
+            if p.layer == 0 and source(p.step.info) == "previous" and need:
+                raise ValueError(f"{p.step.info.name!r} runs before decoder layer 0 but needs {sorted(need)} from the "
+                                 "layer before it")
+        previous = [p for p in self.plan if source(p.step.info) == "previous" and p.layer > 0]
+        self.capture_layers = sorted({p.layer - 1 for p in previous})
+        #: per captured layer, the steps that read it (a finished cascade no longer needs its capture)
+        self.capture_for: dict[int, list[Step]] = {}
+        for p in previous:
+            self.capture_for.setdefault(p.layer - 1, []).append(p.step)
         self.keep_embeds = any(_EMBEDS & {*p.step.info.signals, *p.step.info.optional_signals} for p in self.plan)
         self.embeds: Tensor | None = None
         self.mode = "off"
@@ -247,6 +299,9 @@ class DecoderPruner:
         self.records: list[dict[str, Any]] = []
         self.lengths: list[int] = []
         self.signal_positions: Tensor | None = None
+        self.slots: Tensor | None = None
+        self.states: dict[int, Tensor] = {}  # a cascade's state, by id(step)
+        self.finished: set[int] = set()      # the cascades done for every sample, by id(step)
 
     # ---- patching ---------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -279,10 +334,14 @@ class DecoderPruner:
 
     def _hook(self, index: int, part: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-            if self.mode == "prefill":
+            if self.mode == "prefill" and self.captures(index):
                 self.store.setdefault(index, {})[part] = output.detach()
 
         return hook
+
+    def captures(self, index: int) -> bool:
+        """Whether layer ``index``'s q/k are still needed this prefill (a step after it is not a finished cascade)."""
+        return any(id(step) not in self.finished for step in self.capture_for.get(index, ()))
 
     # ---- per prefill ------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -292,14 +351,20 @@ class DecoderPruner:
         self.cur = None
         self.embeds = None
         self.signal_positions = None
+        self.slots = None
+        self.states, self.finished = {}, set()
 
-    def arm(self, visual: Tensor, valid: Tensor, images: Tensor, positions: Tensor | None = None) -> None:
+    def arm(self, visual: Tensor, valid: Tensor, images: Tensor, positions: Tensor | None = None,
+            slots: Tensor | None = None) -> None:
         """Before a prefill: ``visual [B, L]`` the image placeholder columns (after the pre-LLM splice), ``valid
         [B, L]`` real tokens, ``images [B]`` images per sample; ``positions [B, L]`` the position ids each sample
-        would have alone, where they differ from the model's (the RoPE of the attention signals uses them)."""
+        would have alone, where they differ from the model's (the RoPE of the attention signals uses them);
+        ``slots [B, L]`` the frame slot of every column (``llm_frame_slots``, :func:`frame_slots`; ``None``: no
+        frame layout, every visual token in no frame)."""
         self.reset()
         self.visual, self.valid0, self.images = visual, valid, images
         self.signal_positions = positions
+        self.slots = slots
         self.counts: dict[int, list[Tensor]] = {}
         self.records, self.lengths = [], []
         self.mode = "prefill"
@@ -331,6 +396,8 @@ class DecoderPruner:
             return original(hidden, **kwargs)
         if i == 0 and self.keep_embeds:
             self.embeds = hidden
+        for k in [k for k in self.store if k < i - 1]:  # only layer i - 1's capture is read from here on
+            del self.store[k]
         for p in self.plan:
             if p.layer == i:
                 hidden = self.prune(p, hidden, kwargs)
@@ -338,7 +405,7 @@ class DecoderPruner:
         if lay is not None:
             kwargs = self.sliced(i, lay, kwargs, hidden.dtype)
             self.layouts[i] = lay
-        if i in self.capture_layers:
+        if i in self.capture_layers and self.captures(i):
             self.store.setdefault(i, {})["rope"] = kwargs.get("position_embeddings")
         self.lengths.append(int(hidden.shape[1]))
         return original(hidden, **kwargs)
@@ -360,6 +427,9 @@ class DecoderPruner:
 
     # ---- one pruning ------------------------------------------------------------------------------------------
     def prune(self, p: Planned, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        cascade = p.step.info.cascade
+        if cascade and id(p.step) in self.finished:
+            return hidden
         b, length = hidden.shape[:2]
         lay = self.cur
         if lay is None:  # the prompt as the model built it: every column (its padding marked invalid)
@@ -371,15 +441,29 @@ class DecoderPruner:
             sched = p.step.info.schedule
             self.counts[id(p.step)] = [torch.as_tensor(c, dtype=torch.long, device=nv.device) for c in
                                        sched.plan_counts(nv, p.step.keep, self.images, len(self.layers), p.knobs)]
-        counts = self.counts[id(p.step)][p.stage].minimum(nv)
+        counts = self.counts[id(p.step)][p.stage]
+        counts = counts if cascade else counts.minimum(nv)  # a cascade's budget is not clipped (see the docstring)
         record = {"layer": p.layer, "method": p.step.info.name, "visual_in": nv.tolist()}
-        if bool((counts >= nv).all()):
+        nothing = not bool((nv > 0).any()) if cascade else bool((counts >= nv).all())
+        if nothing:
+            if cascade:
+                self.finished.add(id(p.step))
             self.records.append({**record, "visual_out": nv.tolist(), "length": length})
             return hidden
         order, vmask = order_first(vis)
         tokens = gather_rows(hidden, order, vmask)
         signals = self.signals(p, hidden, lay, vis, order, vmask, kwargs)
+        if cascade:  # one call of a stepwise run: its previous state, CASCADE_START at the first
+            signals["llm_state"] = self.states.get(id(p.step), torch.full((b, 1), CASCADE_START, dtype=torch.long,
+                                                                          device=hidden.device))
         red = self.run(p, tokens, counts, vmask, signals)
+        if cascade:
+            self.states[id(p.step)] = red.extras["state"]
+            if bool(red.extras["done"].all()):
+                self.finished.add(id(p.step))
+            if bool((red.mask.sum(1) >= nv).all()):  # nothing removed (a merge removes its members): as it was
+                self.records.append({**record, "visual_out": nv.tolist(), "length": length, "reduction": red})
+                return hidden
         rows = torch.arange(b, device=hidden.device)[:, None].expand_as(red.indices)
         slots = order.gather(1, red.indices.clamp(min=0))
         keep = valid & ~vis
@@ -431,7 +515,15 @@ class DecoderPruner:
         if red.assign is not None:
             assign = torch.full(tokens.shape[:2], -1, dtype=torch.long, device=tokens.device)
             assign[sub] = red.assign
-        return Reduction(out, idx, msk, assign, None, red.extras)
+        extras = red.extras
+        if info.cascade:  # a cascade's state for the whole batch: samples without visual tokens are done
+            state = red.extras["state"]
+            full = state.new_full((b, state.shape[1]), -1)
+            full[sub] = state
+            done = torch.ones(b, dtype=torch.bool, device=tokens.device)
+            done[sub] = red.extras["done"].to(tokens.device)
+            extras = {**extras, "state": full, "done": done}
+        return Reduction(out, idx, msk, assign, None, extras)
 
     # ---- signals ----------------------------------------------------------------------------------------------
     def qk(self, p: Planned, hidden: Tensor, lay: Layout, kwargs: dict[str, Any]) -> tuple[Tensor, Any, Any, nn.Module]:
@@ -472,7 +564,7 @@ class DecoderPruner:
         text = valid & ~vis & (slots[None, :] > last_vis[:, None])
         text.scatter_(1, last, text.gather(1, last) | ~text.any(1, keepdim=True))
         tslot, tmask = order_first(text)
-        if names & _NEEDS_QK:
+        if names & _NEEDS_QK and (p.layer > 0 or source(info) == "current"):  # none before layer 0
             q_src, k_raw, rope, attn = self.qk(p, hidden, lay, kwargs)
             if self.signal_positions is not None:  # each sample's own positions, not the padded batch's
                 rope = rotary(self.lm, hidden, take_seq(self.signal_positions, lay.cols, -1)) or rope
@@ -525,6 +617,10 @@ class DecoderPruner:
                 out["llm_embeds"] = gather_rows(embeds, order, vmask)
             if "text" in names:
                 out["text"] = gather_rows(embeds, tslot, tmask)
+        if "llm_frame_slots" in names:
+            full = self.slots if self.slots is not None else torch.full_like(self.visual, -1, dtype=torch.long)
+            here = torch.where(lay.cols >= 0, take_seq(full, lay.cols, 1), -1)
+            out["llm_frame_slots"] = torch.where(vmask, gather_rows(here[..., None], order)[..., 0], -1)
         if "positions" in names:
             index = valid.long().cumsum(1) - 1
             out["positions"] = gather_rows(index[..., None], order, vmask)[..., 0]

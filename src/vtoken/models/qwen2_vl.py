@@ -137,10 +137,11 @@ class Qwen2VLAdapter(Adapter):
     #: the block whose output the merger reads (the last); also where a spec's ``feature_layer`` -2 reads
     default_layer: ClassVar[int] = -1
     select_layer = -1
+    options: ClassVar[tuple[str, ...]] = ("reuse_videos",)
     has_cls = False
 
-    def __init__(self, model: nn.Module, steps: list[Any]) -> None:
-        super().__init__(model, steps)
+    def __init__(self, model: nn.Module, steps: list[Any], **options: Any) -> None:
+        super().__init__(model, steps, **options)
         self._rope: Tensor | None = None  # original position ids of the current prefill ([3 or 4, B, L])
 
     # ---- capability -------------------------------------------------------------------------------------------
@@ -156,6 +157,9 @@ class Qwen2VLAdapter(Adapter):
     def image_token_mask(self, input_ids: Tensor) -> Tensor:
         cfg = self.model.config
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+
+    def video_token_mask(self, input_ids: Tensor) -> Tensor:
+        return input_ids == self.model.config.video_token_id
 
     def make_capture(self) -> QKCapture | None:
         blocks = self.visual.blocks
@@ -380,6 +384,8 @@ class Qwen2VLAdapter(Adapter):
 
     def splice(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> dict[str, Any]:
         kw = dict(kw)
+        if self._rope is None:  # no media encoded (reused videos): the positions of this prompt
+            self._rope = self.rope_positions(kw, input_ids)
         for name in ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             kw.pop(name, None)
         mm = kw.pop("mm_token_type_ids", None)

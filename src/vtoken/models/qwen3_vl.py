@@ -51,8 +51,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                                                 "Qwen3VLMoeForConditionalGeneration")
     stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
 
-    def __init__(self, model: nn.Module, steps: list[Any]) -> None:
-        super().__init__(model, steps)
+    def __init__(self, model: nn.Module, steps: list[Any], **options: Any) -> None:
+        super().__init__(model, steps, **options)
         self._deepstack: tuple[Tensor, list[Tensor]] | None = None
         self._media: list[tuple[Images, Reduction]] = []
         self._hook: Any = None

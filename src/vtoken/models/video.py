@@ -7,7 +7,8 @@ clips of another frame size run separately. In one pipeline:
 - a ``pre_llm`` (image) method runs on every frame as on an image (``keep`` per frame, ``grid = (H, W)`` while the
   frames are whole), the frames of all clips batched as rows; its outputs are laid back into their clips;
 - a ``video`` method runs on whole clips (``keep`` is the clip's budget, a ratio of its tokens or a count); a method
-  that reads ``video_grid`` needs whole frames, so it comes first (:func:`check_video_steps`).
+  that reads ``video_grid`` needs whole frames, so it comes first (:func:`check_video_steps`); one that reads no frame
+  layout at all takes one frame per row by its contract and runs per frame (:func:`runs_per_frame`).
 
 Every per-token signal follows the tokens (``frame_ids`` included), so methods compose as on images.
 """
@@ -38,6 +39,15 @@ def check_video_steps(steps: list[Step]) -> list[Step]:
             raise ValueError(f"method: {step.info.name!r} reads whole video frames (video_grid), but {before} run "
                              f"before it and change the frames; list {step.info.name!r} alone or first")
     return steps
+
+
+def runs_per_frame(step: Step) -> bool:
+    """Whether a step runs on each frame (``keep`` per frame) rather than on the clip: image (``pre_llm``) methods,
+    and video methods that read no frame layout (neither ``video_grid``, ``frame_ids`` nor ``frame_features``), which
+    by their contract take one frame per batch row (e.g. ``aim_merge``)."""
+    info = step.info
+    layout = {"video_grid", "frame_ids", "frame_features"} & {*info.signals, *info.optional_signals}
+    return info.stage == "pre_llm" or (info.stage == "video" and not layout)
 
 
 def place_tokens(embeds: Tensor, keep: Tensor, columns: Tensor, sample: Tensor, red: Reduction) -> None:
@@ -190,7 +200,7 @@ def reduce_clips(steps: Sequence[Step], tokens: Tensor, grids: Tensor, signals: 
 
         def run(step: Step, x: Tensor, valid: Tensor, _index: Tensor, s: dict[str, Any], t: int = t, p: int = p,
                 hw: tuple[int, int] = (h, w)) -> Reduction:
-            if step.info.stage == "pre_llm":
+            if runs_per_frame(step):
                 return per_frame(step, x, valid, s, t, p, hw)
             return run_one(step, x, valid, s)
 
