@@ -120,10 +120,10 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, torch.Te
                       intermediate_size=4 * args.vision_width, num_heads=args.vision_width // 64, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[
                           args.vision_layers - 1])
-        text_dict = {**text.to_dict(), "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24],
+        half = text.hidden_size // text.num_attention_heads // 2  # rotary pairs: t, h, w sections as Qwen2.5-VL's
+        section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # [16, 24, 24] of 64 pairs
+        text_dict = {**text.to_dict(), "rope_parameters": {"rope_type": "default", "mrope_section": section,
                                                            "rope_theta": 1e6}}
-        if args.quick:
-            text_dict["rope_parameters"]["mrope_section"] = [4, 6, 6]
         cfg = Qwen2_5_VLConfig(text_config=text_dict, vision_config=vision, image_token_id=vocab - 4,
                                video_token_id=vocab - 3, vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1)
         t = frames // 2
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{scale}] {method} {r.keep}: prefill {r.prefill_ms:.0f} ms, visual {r.visual}, "
                       f"select {r.select_ms:.1f} ms", flush=True)
         lines += [*report(scale, results, base), ""]
+        if args.markdown:  # after every scale, so a long run keeps what it measured
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text("\n".join(lines) + "\n")
     if errors:
         lines += ["Not run:", *[f"- {e}" for e in errors]]
     text = "\n".join(lines)

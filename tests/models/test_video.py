@@ -464,3 +464,24 @@ def test_reduce_once_ask_many(models, media, family):
     with pytest.raises(ValueError, match="query-agnostic"):
         vtoken.apply(model, "mmtok", keep=0.5, reuse_videos=True)
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_image_method_runs_per_frame(models, media, family):
+    """Every image method the family runs takes ``keep`` per frame on a clip: an exact method keeps half of every
+    frame's tokens (rounded half-up), any method at most that."""
+    from vtoken.core import resolve_keep
+    from vtoken.models import find_adapter
+
+    model, (_, alone) = models[family], media[family]
+    names = [n for n in contract.supported(find_adapter(model)) if get_method(n).stage == "pre_llm"]
+    assert {"divprune", "uniform", "pool"} <= set(names)
+    for name in names:
+        with vtoken.apply(model, name, keep=0.5) as handle:
+            logits(model, alone[0])
+            counts = handle.video.extras["frame_counts"][0]
+            t, h, w = handle.adapter._clips.extra["video_grids"][0].tolist()
+        want = int(resolve_keep(0.5, h * w))
+        if get_method(name).exact:
+            assert counts.tolist() == [want] * t, name
+        assert int(counts.max()) <= want and int(counts.min()) >= 1, name

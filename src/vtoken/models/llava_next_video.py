@@ -81,6 +81,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             if axis == 2:
                 return self.pooled(value.transpose(1, 2), clips).transpose(1, 2)
             return self.pooled(value, clips)
+        if name == "vision_features" and self.signal_spec(info, name).space == "clip_joint":
+            return clips.tokens  # relevance to the prompt is measured in the LLM embedding space (as for images)
         if name in ("vision_features", "frame_features"):
             return clips.extra[name]
         if name == "positions":
