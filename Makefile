@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bench demo docs test lint bench-selection bench-prefill lock test-latest test-transformers
+.PHONY: setup bench demo docs test lint bench-selection bench-prefill bench-video lock test-latest test-transformers
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,9 @@ bench-selection: setup
 
 bench-prefill: setup
 	$(BIN)/python benchmarks/prefill.py --scale llava --dtype bf16 --threads 1 --clock cpu
+
+bench-video: setup
+	$(BIN)/python benchmarks/video.py --scale both --lm-layers 6 --repeats 1 --warmup 1 --dtype fp32
 
 # regenerate requirements/lock.txt (the newest versions pyproject.toml allows, torch pinned)
 lock:
