@@ -485,3 +485,40 @@ def test_every_image_method_runs_per_frame(models, media, family):
         if get_method(name).exact:
             assert counts.tolist() == [want] * t, name
         assert int(counts.max()) <= want and int(counts.min()) >= 1, name
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize(("method", "knobs"), [("fastv", {"layer": 1}), ("pdrop", {"layers": [1, 2], "ref_depth": 3}),
+                                               ("framefusion", {})])
+def test_llm_stage_with_deepstack(models, media, family, method, knobs):
+    """llm-stage pruning before the last DeepStack injection (layer 1 of a tower tapped twice): the later injections
+    follow the shortened layout; keep=1.0 is identical, a batch equals each sample alone, and the injection after
+    the pruning adds features to exactly the visual tokens that layer still holds."""
+    model, (batch, alone) = models[family], media[family]
+    ref = reference_logits(model, batch)
+    with vtoken.apply(model, method, keep=1.0, **knobs):
+        assert torch.equal(logits(model, batch), ref)
+    cls = type(model.model.language_model)
+    seen: list[tuple[int, int, int]] = []
+    inner = cls._deepstack_process
+
+    def spy(self, hidden, mask, embeds):  # what the model's own injection receives (after vtoken's translation)
+        seen.append((hidden.shape[1], int(mask.sum()), embeds.shape[0]))
+        return inner(self, hidden, mask, embeds)
+
+    cls._deepstack_process = spy
+    try:
+        with vtoken.apply(model, method, keep=0.5, **knobs):
+            got = logits(model, batch)[:, -1]
+            for b, one in enumerate(alone):
+                torch.testing.assert_close(logits(model, one)[0, -1], got[b], atol=2e-5, rtol=1e-4)
+    finally:
+        cls._deepstack_process = inner
+    assert seen and all(n_mask == n_embeds for _, n_mask, n_embeds in seen)
+    if method == "fastv":  # the batch's injection after layer 1 runs on the pruned layout
+        assert seen[1][0] < seen[0][0] and seen[1][1] < seen[0][1]
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, inputs: Inputs) -> Tensor:
+    return model(**inputs).logits

@@ -12,8 +12,8 @@ adapter is :class:`~vtoken.models.qwen2_vl.Qwen2VLAdapter`'s, with two differenc
   <vision_end>``; ``get_rope_index`` numbers every frame as its own grid after its timestamp. Kept tokens keep those
   original ids (timestamps are text and always stay), so a pruned frame leaves its timestamp in place.
 
-llm-stage methods are not supported here: they would shorten the sequence inside the decoder while DeepStack still
-adds features at the prefill's visual positions.
+llm-stage methods run as on Qwen2-VL; DeepStack injections after a shortened layer follow that layer's layout (the
+kept visual tokens' own features, a merged token its representative's: :func:`follow_layout`).
 """
 
 from __future__ import annotations
@@ -43,13 +43,27 @@ def follow_members(values: Tensor, red: Reduction) -> Tensor:
     return (out / count.clamp(min=1)[..., None])[:, :k]
 
 
+def follow_layout(llm: Any, hidden: Tensor, mask: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """DeepStack inputs ``(visual_pos_masks [B, L], deepstack_visual_embeds [n, D])`` of the prefill -> those of the
+    layout an llm-stage step left (``llm.cur.cols [B, L']``, the prefill column of each slot): the kept visual
+    tokens' own features (a merged token keeps its representative's)."""
+    lay = llm.cur if llm.mode == "prefill" else None
+    if lay is None or hidden.shape[1] == mask.shape[1]:
+        return mask, embeds
+    cols = lay.cols
+    full = embeds.new_zeros(*mask.shape, embeds.shape[-1])
+    full[mask] = embeds
+    idx = cols.clamp(min=0)
+    kept = mask.gather(1, idx) & (cols >= 0)
+    return kept, full.gather(1, idx[..., None].expand(*idx.shape, embeds.shape[-1]))[kept]
+
+
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL: Qwen2-VL's tower and M-RoPE, DeepStack features that follow the kept tokens, per-frame video blocks."""
 
     family = "qwen3_vl"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen3VLForConditionalGeneration",
                                                 "Qwen3VLMoeForConditionalGeneration")
-    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "video")
 
     def __init__(self, model: nn.Module, steps: list[Any], **options: Any) -> None:
         super().__init__(model, steps, **options)
@@ -59,12 +73,26 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def attach(self, handle: Any) -> None:
         super().attach(handle)
-        self._hook = self.inner.language_model.register_forward_pre_hook(self._inject, with_kwargs=True)
+        lm = self.inner.language_model
+        self._hook = lm.register_forward_pre_hook(self._inject, with_kwargs=True)
+        if self.llm is not None:  # DeepStack after layers the llm-stage steps already shortened: their layout
+            original = lm._deepstack_process
+            llm = self.llm
+
+            def deepstack(hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+                return original(hidden, *follow_layout(llm, hidden, visual_pos_masks, visual_embeds))
+
+            lm._deepstack_process = deepstack
+            self._deepstack_patch = (lm, deepstack)
 
     def detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        patch = getattr(self, "_deepstack_patch", None)
+        if patch is not None and patch[0].__dict__.get("_deepstack_process") is patch[1]:
+            del patch[0].__dict__["_deepstack_process"]
+        self._deepstack_patch = None
         self._deepstack = None
         super().detach()
 
