@@ -449,13 +449,12 @@ class Adapter:
             kw["position_ids"] = self._next_position[:, None] + step[None, :]
         return kw
 
-    def reduce_prefill(self, kw: dict[str, Any]) -> tuple[Tensor, Images, Reduction]:
-        """Encode a prefill's images, collect the signals and run the pipeline: ``(input_ids, images, reduction)``."""
-        input_ids = kw["input_ids"]
+    def reduce_prefill(self, kw: dict[str, Any]) -> tuple[Images, Reduction]:
+        """Encode a prefill's images, collect the signals and run the pipeline: ``(images, reduction)``."""
         images = self.encode(kw)
         self._images = images
         signals = self.collect_signals(images, kw)
-        return input_ids, images, self.reduce_images(images, signals)
+        return images, self.reduce_images(images, signals)
 
     def prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
         """A prefill with images and / or videos: reduce each, write the kept tokens into the input embeddings, mark
@@ -471,10 +470,10 @@ class Adapter:
         self.handle.last = self.handle.video = None
         if kw.get(self.image_key()) is not None:
             self.place_images(kw, input_ids, embeds, keep)
-        key = self.video_key()
-        if key is not None and kw.get(key) is not None:
+        pixels = self.video_key()
+        if pixels is not None and kw.get(pixels) is not None:
             memo = self.video_memo
-            key = memo.key(kw, key) if memo is not None else None
+            key = memo.key(kw, pixels) if memo is not None else None
             hit = memo.get(key) if memo is not None else None
             if hit is not None:  # the same videos again: their reduction, placed in this prompt
                 clips, video = self.relocate_videos(kw, hit[0]), hit[1]
@@ -497,7 +496,7 @@ class Adapter:
         """Reduce the prefill's images and write them in place: kept tokens into ``embeds [B, L, D]`` at their
         placeholders, removed placeholders False in ``keep [B, L]``; sets ``handle.last``. Families whose images
         carry more than tokens (newline rows) override it."""
-        _, images, red = self.reduce_prefill(kw)
+        images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         self.handle.last = red
         place_tokens(embeds, keep, images.columns, images.sample, red)

@@ -59,8 +59,7 @@ from ..methods import MethodInfo
 from ..ops.crops import apportion
 from .base import ClsTowerAdapter, Images
 from .llava import LlavaAdapter
-from .pipeline import TOKEN_DIM, Step, run_steps
-from .views import fold_rows
+from .pipeline import TOKEN_DIM, Step, fold_rows, run_steps
 
 #: per-view tower signals that this adapter lays out per image (the catalogue's attention signals)
 VIEW_SIGNALS = signals_where(attention=True)
@@ -307,7 +306,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ---- splice -------------------------------------------------------------------------------------------------
     def place_images(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> None:
-        _, images, red = self.reduce_prefill(kw)
+        images, red = self.reduce_prefill(kw)
         keep &= ~self.image_token_mask(input_ids)
         rows = images.sample[:, None].expand_as(red.indices)[red.mask]
         cols = images.columns.gather(1, red.indices.clamp(min=0))[red.mask]

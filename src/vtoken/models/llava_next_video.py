@@ -20,9 +20,7 @@ from torch import Tensor
 from ..methods import MethodInfo
 from .base import ClsTowerAdapter, Images
 from .llava_next import LlavaNextAdapter
-
-#: per-token tower signals of a frame that are pooled like the features (token axis 1, or 2 for ``[*, L, n]``)
-POOLED = {"cls_attn": 1, "attn_logits": 1, "keys": 1, "cls_attn_layers": 2, "attn_received_layers": 2}
+from .video import POOLED, pool_frame_signal
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
@@ -75,12 +73,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return out.reshape(v, -1, *x.shape[2:])
 
     def video_signal(self, name: str, info: MethodInfo, clips: Images, kw: dict[str, Any]) -> Any:
-        axis = POOLED.get(name)
-        if axis is not None:
+        if name in POOLED:
             value = ClsTowerAdapter.signal(self, name, info, clips, kw)  # per frame, from the recorded q/k
-            if axis == 2:
-                return self.pooled(value.transpose(1, 2), clips).transpose(1, 2)
-            return self.pooled(value, clips)
+            return pool_frame_signal(name, value, lambda x: self.pooled(x, clips))
         if name == "vision_features" and self.signal_spec(info, name).space == "clip_joint":
             return clips.tokens  # relevance to the prompt is measured in the LLM embedding space (as for images)
         if name in ("vision_features", "frame_features"):

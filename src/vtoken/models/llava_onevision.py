@@ -70,6 +70,7 @@ from ..methods import MethodInfo
 from .base import Adapter, ClsTowerAdapter, Images
 from .capture import QKLayer, attention_maps, mean_keys
 from .llava import clip_qk_layers
+from .video import POOLED, pool_frame_signal
 from .views import fold_views, reduce_views, split_proportional
 
 
@@ -311,19 +312,9 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         """Tower signals of each frame pooled like its features (:meth:`pooled`): ``cls_attn`` (the declared
         CLS-free fallback: attention received), ``attn_received_layers``, ``keys``; ``frame_features`` is the mean of
         each frame's tower features (the HF tower has no attention-pooling head); ``vision_features`` the tokens."""
-        cap = self.capture
-        assert cap is not None
-        if name in ("cls_attn", "cls_attn_layers", "attn_logits"):
-            if self.cls_fallback(info, name) != "received":
-                return None
-            value = self.pooled(self.received_attention(self.spec_layers(info, name), clips).transpose(1, 2), clips)
-            return value[..., 0] if name == "cls_attn" else value.transpose(1, 2)
-        if name == "attn_received_layers":
-            return self.pooled(self.received_attention(self.spec_layers(info, name), clips).transpose(1, 2),
-                               clips).transpose(1, 2)
-        if name == "keys":
-            _, k, layer = cap.qk(self.spec_layers(info, name)[0])
-            return self.pooled(mean_keys(k, layer), clips)
+        if name in POOLED:
+            value = self.signal(name, info, clips, kw)  # per frame, from the recorded q/k (CLS: the fallback or None)
+            return None if value is None else pool_frame_signal(name, value, lambda x: self.pooled(x, clips))
         if name == "vision_features":
             return clips.tokens
         if name == "frame_features":
@@ -374,7 +365,7 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         return images.sample[table[:, 0]], torch.where(red.mask & (row >= 0), cols, -1)
 
     def place_images(self, kw: dict[str, Any], input_ids: Tensor, embeds: Tensor, keep: Tensor) -> None:
-        _, images, red = self.reduce_prefill(kw)
+        images, red = self.reduce_prefill(kw)
         assert self.handle is not None
         views = red.extras["views"]
         keep &= ~images.extra["visual"]

@@ -108,15 +108,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def encode_media(self, kw: dict[str, Any], pixels: str, grid_key: str, token_id: int, kind: str) -> Images:
         images = super().encode_media(kw, pixels, grid_key, token_id, kind)
         deep = self._last_out.deepstack_features  # per tap [S, D], the merger's order
-        images.extra["deepstack"] = [self.to_tokens_merged(d, images) for d in deep]
+        images.extra["deepstack"] = [self.to_tokens(d, images) for d in deep]  # no window order: merger order
         return images
-
-    def to_tokens_merged(self, x: Tensor, images: Images) -> Tensor:
-        """Per-merged-token values in the merger's output order ``[S, D]`` -> ``[I, N, D]`` (zero padding)."""
-        ex = images.extra
-        out = x.new_zeros(*images.tokens.shape[:2], x.shape[-1])
-        out[ex["img"], ex["local"]] = x
-        return out
 
     def tower(self, pixel_values: Tensor, grid_thw: Tensor) -> Any:
         self._last_out = super().tower(pixel_values, grid_thw)

@@ -15,14 +15,14 @@ Every per-token signal follows the tokens (``frame_ids`` included), so methods c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core import CATALOGUE, Reduction
-from .pipeline import TOKEN_DIM, Step, run_one, run_steps, stack_reductions
+from .pipeline import TOKEN_DIM, Step, fold_rows, run_one, run_steps, stack_reductions
 
 #: signals with one entry per frame along dim 1 (the catalogue's ``B F ...``)
 FRAME_AXIS = frozenset(name for name, sig in CATALOGUE.items() if (sig.dims or "").startswith("B F"))
@@ -78,6 +78,17 @@ def frame_counts(red: Reduction, p: int, t: int) -> Tensor:
     frame = torch.where(red.mask, red.indices // p, t)
     out = torch.zeros(red.mask.shape[0], t + 1, dtype=torch.long, device=red.mask.device)
     return out.scatter_add_(1, frame, torch.ones_like(frame))[:, :t]
+
+
+#: per-token tower signals of a video frame, pooled like the frame's features where a family pools them: the token
+#: axis of each (``[F, n]`` / ``[F, n, d]``: 1; ``[F, L, n]``: 2)
+POOLED = {"cls_attn": 1, "attn_logits": 1, "keys": 1, "cls_attn_layers": 2, "attn_received_layers": 2}
+
+
+def pool_frame_signal(name: str, value: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:
+    """A per-frame signal ``value`` (token axis per :data:`POOLED`) through ``pool`` (``[F, n, ...]`` -> per clip
+    token ``[V, T * P, ...]``)."""
+    return pool(value.transpose(1, 2)).transpose(1, 2) if POOLED[name] == 2 else pool(value)
 
 
 def frame_means(tokens: Tensor, grids: Tensor) -> Tensor:
@@ -139,36 +150,12 @@ def per_frame(step: Step, x: Tensor, valid: Tensor, signals: dict[str, Any], t: 
             fsig[name] = value[live_rows // t]
     red = run_one(step, xf, vf, fsig)
 
-    # lay the frames' outputs back into their clips, frame by frame
-    n_out = torch.zeros(v * t, dtype=torch.long, device=dev)
-    n_out[live_rows] = red.mask.sum(1)
-    n_out = n_out.reshape(v, t)
-    ostart = (n_out.cumsum(1) - n_out).reshape(-1)
-    width = max(int(n_out.sum(1).max()), 1)
-    slot_rank = red.mask.long().cumsum(1) - 1  # [r, k] the place of each output among its frame's
-    clip = (live_rows // t)[:, None].expand_as(red.mask)
-    dest = ostart[live_rows][:, None] + slot_rank
-    src = start.reshape(-1)[live_rows][:, None] + red.indices
-    sel = red.mask
-    tokens = red.tokens.new_zeros(v, width, red.tokens.shape[-1])
-    indices = torch.full((v, width), -1, dtype=torch.long, device=dev)
-    mask = torch.zeros(v, width, dtype=torch.bool, device=dev)
-    tokens[clip[sel], dest[sel]] = red.tokens[sel]
-    indices[clip[sel], dest[sel]] = src[sel]
-    mask[clip[sel], dest[sel]] = True
-    sizes = None
-    if red.sizes is not None:
-        sizes = torch.zeros(v, width, dtype=red.sizes.dtype, device=dev)
-        sizes[clip[sel], dest[sel]] = red.sizes[sel]
-    assign = None
-    if red.assign is not None:
-        local = torch.full((v * t,), -1, dtype=torch.long, device=dev)
-        local[live_rows] = torch.arange(live_rows.numel(), device=dev)
-        a = red.assign[local[r_at], k_at]  # output slot (in its frame) of each valid input token
-        a_rank = slot_rank[local[r_at], a.clamp(min=0)]
-        assign = torch.full((v, m), -1, dtype=torch.long, device=dev)
-        assign[valid] = torch.where(a >= 0, ostart[r_at] + a_rank, -1)
-    return Reduction(tokens, indices, mask, assign, sizes, {"frames": red, "frame_counts": n_out})
+    # lay the frames' outputs back into their clips, frame by frame: frame row r reduced the clip slots src[r]
+    src = torch.full((v * t, kf), -1, dtype=torch.long, device=dev)
+    src[r_at, k_at] = torch.arange(m, device=dev).expand(v, m)[valid]
+    out = fold_rows(red, live_rows // t, src[live], v, m, {"frames": red})
+    out.extras["frame_counts"] = frame_counts(out, p, t)
+    return out
 
 
 def reduce_clips(steps: Sequence[Step], tokens: Tensor, grids: Tensor, signals: dict[str, Any]) -> Reduction:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..core import Reduction, gather_rows, reduction_from_indices
 from .base import ClsTowerAdapter, Images
-from .pipeline import Step, run_steps, stack_reductions
+from .pipeline import Step, fold_rows, run_steps, stack_reductions
 
 # ---------------------------------------------------------------------------------------------------------------
 # pixel-shuffle grids
@@ -88,41 +88,6 @@ def split_proportional(keep: int, weight: Tensor, image: Tensor, n_images: int) 
 # ---------------------------------------------------------------------------------------------------------------
 # stacking and folding reductions
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def fold_rows(red: Reduction, image: Tensor, src: Tensor, n_images: int, width: int,
-              extras: dict[str, Any]) -> Reduction:
-    """Row reductions -> one row per image: rows ``[R]`` of images ``image [R]`` (non-decreasing), row ``r`` reducing
-    the image slots ``src [R, W]`` (``-1``: none). An image's outputs are its rows' outputs in row order; indices are
-    image slots (``src`` gathered at ``red.indices``), ``assign`` is ``[I, width]`` over the image slots, ``sizes``
-    follow."""
-    r, k = red.indices.shape
-    dev = red.indices.device
-    counts = red.mask.sum(1)
-    per_image = torch.zeros(n_images, dtype=torch.long, device=dev).index_add_(0, image, counts)
-    image_start = per_image.cumsum(0) - per_image
-    start = (counts.cumsum(0) - counts) - image_start[image]  # first output slot of each row within its image
-    slot = start[:, None] + torch.arange(k, device=dev)[None, :]
-    rows = image[:, None].expand(r, k)
-    m = red.mask
-    out_width = int(per_image.max())
-    tokens = red.tokens.new_zeros(n_images, out_width, red.tokens.shape[-1])
-    tokens[rows[m], slot[m]] = red.tokens[m]
-    indices = torch.full((n_images, out_width), -1, dtype=torch.long, device=dev)
-    indices[rows[m], slot[m]] = src.gather(1, red.indices.clamp(min=0))[m]
-    mask = torch.zeros(n_images, out_width, dtype=torch.bool, device=dev)
-    mask[rows[m], slot[m]] = True
-    sizes = None
-    if red.sizes is not None:
-        sizes = torch.zeros(n_images, out_width, dtype=red.sizes.dtype, device=dev)
-        sizes[rows[m], slot[m]] = red.sizes[m]
-    assign = None
-    if red.assign is not None:
-        assign = torch.full((n_images, width), -1, dtype=torch.long, device=dev)
-        a = red.assign[:, : src.shape[1]]
-        ok = (a >= 0) & (src >= 0)
-        assign[image[:, None].expand_as(a)[ok], src[ok]] = (a + start[:, None])[ok]
-    return Reduction(tokens, indices, mask, assign, sizes, extras)
 
 
 def fold_views(red: Reduction, image: Tensor, position: Tensor, n_images: int, n: int) -> Reduction:
