@@ -9,6 +9,8 @@ Scales (batch 1; 5 text tokens, the clip, 35 text tokens):
     merger: 16 x 256 = 4,096 visual tokens with M-RoPE, the same LM shapes (Qwen2.5-VL's own 0.5B-class LM does not
     exist; Qwen2-0.5B's shapes keep the two scales comparable).
 ``--lm-layers`` shortens the LM for a quick CPU run (FLOP ratios are per layer, so the ideal speedup is unchanged).
+A method may compose steps with ``+``, a step's own budget after ``@`` (``dycoke+dycoke_kv@30%``: DyCoke in full,
+its decode stage keeping 30% of the visual tokens at every step; the grid's keep applies to the other steps).
 
 Per method and clip budget (``--keeps``, default 25% and 10% of the clip; ``all`` = keep 1.0), medians of
 ``--repeats`` runs:
@@ -19,10 +21,14 @@ Per method and clip budget (``--keeps``, default 25% and 10% of the clip; ``all`
   * KV: bytes of the key/value cache after the prefill;
   * ideal speedup: (tower + projector + LM prefill FLOPs, full) / (the same, reduced) from ``vtoken.bench.cost``;
     measured = unpatched prefill / patched prefill; goal at 10%: measured / ideal >= 0.9.
+  * with ``--decode N``: decode ms per token (median time between consecutive tokens of ``generate``, ``N + 1``
+    tokens: ``N`` decoding steps after the prefill's) and the KV
+    cache the attention reads after those steps (``store`` MiB: what a decode-stage method holds beside it).
 
     python benchmarks/video.py --quick                                   # tiny shapes, a smoke run in seconds
     python benchmarks/video.py --scale onevision --lm-layers 4 --repeats 2 --markdown out/video.md
     python benchmarks/video.py --scale qwen2_5_vl --methods evs vidcom2 --keeps 25% 10%
+    python benchmarks/video.py --lm-layers 4 --decode 16 --methods dycoke dycoke+dycoke_kv@30% dycoke_kv@30%
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     SiglipVisionConfig,
+    StoppingCriteria,
 )
 
 import vtoken
@@ -70,6 +77,9 @@ class Result:
     select: list[float]
     kv_bytes: int
     flops: float
+    decode: list[float]
+    kv_end: int
+    store: int
 
     @property
     def prefill_ms(self) -> float:
@@ -78,6 +88,10 @@ class Result:
     @property
     def ttft_ms(self) -> float:
         return statistics.median(self.ttft)
+
+    @property
+    def decode_ms(self) -> float:
+        return statistics.median(self.decode) if self.decode else 0.0
 
     @property
     def select_ms(self) -> float:
@@ -153,9 +167,33 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, torch.Te
 # ---- measurement ------------------------------------------------------------------------------------------------
 
 
+def steps_of(method: str) -> list[Any]:
+    """``a+b@30%`` -> ``["a", vtoken.method("b", keep=0.3)]`` (see the module docstring)."""
+    out: list[Any] = []
+    for part in method.split("+"):
+        name, _, own = part.partition("@")
+        out.append(vtoken.method(name, keep=parse_keep(own)) if own else name)
+    return out
+
+
+class Clock(StoppingCriteria):
+    """Stops nothing; records when each generated token is ready."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
 def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str | None, keep: Any,
             args: argparse.Namespace, tower: Callable[[int], float]) -> Result:
-    handle = vtoken.apply(model, method, keep=keep) if method else None
+    handle = vtoken.apply(model, steps_of(method), keep=keep) if method else None
     select: list[float] = []
     try:
         if handle is not None:
@@ -182,28 +220,49 @@ def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], method: str
                     ttft.append((t2 - t1) * 1e3)
         cache = out.past_key_values
         seq = cache.get_seq_length()
-        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        kv = cache_bytes(cache)
         n_video = int((inputs["input_ids"] == model.config.video_token_id).sum())
-        visual = int(handle.video.mask.sum()) if handle is not None else n_video
+        visual = int(handle.video.mask.sum()) if handle is not None and handle.video is not None else n_video
+        decode, kv_end, store = [], kv, 0
+        if args.decode:
+            n = args.decode
+            with torch.no_grad():
+                for r in range(args.warmup + args.repeats):
+                    clock = Clock()
+                    gen = model.generate(**inputs, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False,
+                                         return_dict_in_generate=True, stopping_criteria=[clock])
+                    if r >= args.warmup:  # the steps after the first token (the prefill's)
+                        decode += [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:], strict=False)]
+            kv_end = cache_bytes(gen.past_key_values)
+            kvs = handle.adapter.llm.kv if handle is not None and handle.adapter.llm is not None else None
+            if kvs is not None:
+                store = sum(t.numel() * t.element_size() for pair in kvs.store.values() for t in pair)
     finally:
         if handle is not None:
             handle.remove()
-    select = select[2 * args.warmup::2]  # each run: the forward's reduction, then generate's
+    select = select[2 * args.warmup::2][:args.repeats]  # each run: the forward's reduction, then generate's
     flops = tower(visual) + cost.llm_prefill_flops(model.config, seq, 1, logits=1)
     label = "-" if method is None else "all" if keep == 1.0 else f"{keep:.0%}" if isinstance(keep, float) else str(keep)
-    return Result(method or "unpatched", label, visual, seq, prefill, ttft, select, kv, flops)
+    return Result(method or "unpatched", label, visual, seq, prefill, ttft, select, kv, flops, decode, kv_end, store)
 
 
 def report(scale: str, results: list[Result], base: Result) -> list[str]:
     header = ["method", "keep", "visual", "seq", "prefill ms", "TTFT ms", "select ms", "select %", "KV MiB",
               "ideal x", "measured x", "meas/ideal"]
+    decoding = bool(base.decode)
+    if decoding:
+        header += ["decode ms/tok", "decode x", "KV end MiB", "store MiB"]
     rows = []
     for r in results:
         ideal = base.flops / r.flops
         meas = base.prefill_ms / r.prefill_ms
-        rows.append([r.method, r.keep, str(r.visual), str(r.seq), f"{r.prefill_ms:.0f}", f"{r.ttft_ms:.0f}",
-                     f"{r.select_ms:.1f}", f"{100 * r.select_ms / r.prefill_ms:.2f}" if r.select else "-",
-                     f"{r.kv_bytes / 2**20:.1f}", f"{ideal:.2f}", f"{meas:.2f}", f"{meas / ideal:.2f}"])
+        row = [r.method, r.keep, str(r.visual), str(r.seq), f"{r.prefill_ms:.0f}", f"{r.ttft_ms:.0f}",
+               f"{r.select_ms:.1f}", f"{100 * r.select_ms / r.prefill_ms:.2f}" if r.select else "-",
+               f"{r.kv_bytes / 2**20:.1f}", f"{ideal:.2f}", f"{meas:.2f}", f"{meas / ideal:.2f}"]
+        if decoding:
+            row += [f"{r.decode_ms:.1f}", f"{base.decode_ms / r.decode_ms:.2f}", f"{r.kv_end / 2**20:.1f}",
+                    f"{r.store / 2**20:.1f}"]
+        rows.append(row)
     lines = [f"### {scale}: video prefill, TTFT, selection overhead, KV cache and speedup", "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
              + "|"]
@@ -224,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke run")
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--decode", type=int, default=0, help="also time N decoding steps (decode-stage methods)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.vision_width, args.vision_layers = 1, 0, 64, 2

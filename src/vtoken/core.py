@@ -156,6 +156,9 @@ CATALOGUE: dict[str, Signal] = {
                         "its calls to the next: its previous call's Reduction.extras['state'], CASCADE_START (-2) "
                         "everywhere at the first; absent (or -1 everywhere), the call runs the whole cascade at once "
                         "(vtoken.reduce).", "B S", "int", llm=True),
+    "decode_state": Signal("[B, N, S] float, what a decode-stage method carried about each visual token from its "
+                           "previous decoding step: that step's Reduction.extras['state']; absent at the first "
+                           "decoding step.", "B N S", llm=True),
     "sizes": Signal("[B, N] float, how many original patches each token already represents (merging methods).",
                     "B N"),
 }

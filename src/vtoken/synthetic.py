@@ -80,6 +80,10 @@ def make_signal(name: str, tokens: Tensor, *, grid: tuple[int, int] | None = Non
         return torch.arange(n, device=dev).remainder(n // frames).expand(b, n).clone()
     if name == "llm_state":  # a first call
         return torch.full((b, 1), -1, dtype=torch.long, device=dev)
+    if name == "decode_state":  # a previous step: a slightly different attention, its top half kept
+        before = make_signal("llm_attn", tokens, seed=seed).float()
+        kept = (before >= before.median(dim=1, keepdim=True).values).float()
+        return torch.stack([before.roll(1, dims=1), kept], dim=-1)
     if name in ("llm_hidden", "llm_embeds"):
         return x
     if name == "llm_keys":

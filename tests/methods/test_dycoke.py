@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import vtoken
+from vtoken.api import run_method
+from vtoken.methods import get_method
 from vtoken.methods.dycoke import OFFICIAL_MERGING_RATIO, official_keep
 
 
@@ -208,4 +210,74 @@ def test_registration() -> None:
     info = vtoken.get_method("dycoke")
     assert (info.stage, info.kind, info.parity, info.fixture) == ("video", "prune", True, "dycoke_ttm")
     assert info.signals == ("video_grid",)
-    assert "implemented separately" in (info.fn.__doc__ or "")
+    assert "dycoke_kv" in (info.fn.__doc__ or "")
+
+
+# ---- stage 2: dycoke_kv, one decoding step's selection -------------------------------------------------------
+
+
+def kv_reference(steps: list[torch.Tensor], n: int, keep: int, threshold: float) -> list[tuple[list[int], bool]]:
+    """Per decoding step, one sample's kept visual tokens and whether they were selected anew: the paper's rule,
+    a loop over steps (``steps``: the new token's attention to the ``n`` visual tokens at each step)."""
+    out, prev, kept = [], None, []
+    for a in steps:
+        a = a[:n].double()
+        renew = prev is None or float((a * prev).sum() / (a.norm() * prev.norm()).clamp(min=1e-8)) < threshold
+        if renew:
+            kept = sorted(sorted(range(n), key=lambda i: (-float(a[i]), i))[:keep])
+        prev = a
+        out.append((kept, renew))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.99, 1.0, -1.0])
+def test_kv_selection_matches_the_rule_step_by_step(threshold: float) -> None:
+    """A batch of samples with different visual counts over several steps, attention drifting slowly (some steps
+    move, some do not): each sample's kept set and renewals equal the loop's, the state carried between steps."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, t = 3, 10, 8
+    valid_n = [10, 7, 4]
+    keeps = [4, 3, 4]
+    mask = torch.arange(n)[None, :] < torch.tensor(valid_n)[:, None]
+    base = torch.rand(b, n, generator=gen)
+    attn = [(base + 0.15 * step * torch.rand(b, n, generator=gen)).softmax(-1) for step in range(t)]
+    state = None
+    got: list[list[tuple[list[int], bool]]] = [[] for _ in range(b)]
+    for a in attn:
+        signals = {"llm_attn": a} if state is None else {"llm_attn": a, "decode_state": state}
+        red = run_method(get_method("dycoke_kv"), torch.zeros(b, n, 2), torch.tensor(keeps), mask=mask,
+                         signals=signals, knobs={"threshold": threshold})
+        state = red.extras["state"]
+        for i in range(b):
+            got[i].append((red.indices[i][red.mask[i]].tolist(), bool(red.extras["reselected"][i])))
+    renewals = 0
+    for i in range(b):
+        want = kv_reference([a[i] for a in attn], valid_n[i], keeps[i], threshold)
+        assert got[i] == want
+        renewals += sum(r for _, r in want[1:])
+    if threshold == -1.0:
+        assert renewals == 0
+    if threshold == 1.0:
+        assert renewals == b * (t - 1)
+    if threshold == 0.99:
+        assert 0 < renewals < b * (t - 1)
+
+
+def test_kv_state_holds_attention_and_kept_set() -> None:
+    a = torch.tensor([[0.1, 0.5, 0.2, 0.2]])
+    red = vtoken.reduce(torch.zeros(1, 4, 2), keep=2, method="dycoke_kv", llm_attn=a)
+    assert red.indices.tolist() == [[1, 2]]  # a tie between 2 and 3: the lowest index
+    torch.testing.assert_close(red.extras["state"][0], torch.tensor([[0.1, 0.0], [0.5, 1.0], [0.2, 1.0], [0.2, 0.0]]))
+    # an unchanged attention keeps the previous set, even a set it would not pick now
+    state = red.extras["state"].clone()
+    state[0, :, 1] = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    again = vtoken.reduce(torch.zeros(1, 4, 2), keep=2, method="dycoke_kv", llm_attn=a, decode_state=state)
+    assert again.indices.tolist() == [[0, 3]] and again.extras["reselected"].tolist() == [False]
+
+
+def test_kv_registration_and_one_step_knobs() -> None:
+    info = get_method("dycoke_kv")
+    assert info.stage == "decode" and info.kind == "prune" and info.defaults == {"threshold": 0.9, "layer": 3}
+    assert info.signals == ("llm_attn",) and info.optional_signals == ("decode_state",)
+    with pytest.raises(TypeError, match="'layer' is a schedule knob"):
+        vtoken.reduce(torch.zeros(1, 4, 2), keep=2, method="dycoke_kv", llm_attn=torch.rand(1, 4), layer=2)

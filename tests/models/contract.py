@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 import vtoken
 from vtoken.core import Reduction
+from vtoken.methods import LM_STAGES
 
 #: signals that make a method's selection depend on the tower's attention (checked under sdpa and eager)
 ATTENTION_SIGNALS = frozenset({"cls_attn", "cls_attn_layers", "attn", "attn_logits", "attn_received_layers", "keys"})
@@ -26,7 +27,7 @@ def supported(adapter: Any, video: bool = False) -> list[str]:
     """Every method the adapter class can run before the language model on images (``llm``-stage methods have their
     own checks in ``tests/models/test_llm_stage.py``); with ``video``, the methods that need a video's frame layout
     (:data:`VIDEO_SIGNALS`) instead."""
-    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and m.stage != "llm"
+    return [m.name for m in vtoken.methods() if adapter.unsupported(m) is None and m.stage not in LM_STAGES
             and bool(VIDEO_SIGNALS & set(m.signals)) == video]
 
 

@@ -1,11 +1,16 @@
-"""DyCoke, stage 1: temporal token merging (TTM), pruning the tokens of a frame that repeat an earlier frame.
+"""DyCoke: temporal token merging before the language model, then dynamic pruning of the visual KV cache while
+decoding.
 
-Tao, Qin, Liu, Yang, Wang & Zhang, "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models"
-(CVPR 2025), https://github.com/KD-TAO/DyCoke (official function ``dycole_ttm`` in ``llava/model/llava_arch.py``).
+Tao, Qin, You, Sui & Wang, "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models" (CVPR 2025),
+https://github.com/KD-TAO/DyCoke (official functions ``dycole_ttm`` in ``llava/model/llava_arch.py`` and the
+``PrunableDynamicCache`` of ``llava/model/language_model/modeling_qwen2.py``).
 
-Only the first stage, applied to the video tokens before the language model, is here. DyCoke's second stage
-(dynamic pruning of the visual KV cache at every decoding step) is a decode-time mechanism and is implemented
-separately, not by this method.
+* ``dycoke`` (stage ``video``): stage 1, temporal token merging (TTM) on the clip's tokens.
+* ``dycoke_kv`` (stage ``decode``): stage 2, at every decoding step, the decoder layers from ``layer`` on attend only
+  to the visual tokens the new token attends to most in layer ``layer - 1``; the others wait outside the cache and
+  come back when the attention moves (:mod:`vtoken.models.decode` runs it inside the model).
+
+DyCoke in full is both: ``vtoken.apply(model, ["dycoke", vtoken.method("dycoke_kv", keep=0.3)], keep=0.5)``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Reduction, reduction_from_indices
+from ..core import Reduction, reduction_from_indices, topk_indices
 from ..ops.similarity import float32
 from ..ops.video import as_frames, clip_frames, frame_valid
+from ._schedule import one_layer
 from .registry import register
 
 #: the official merging ratio ``K`` (share of tokens pruned in each pruned frame): the default of the lmms-eval
@@ -64,7 +70,7 @@ def dycoke(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     """DyCoke's temporal token merging (stage 1): in every pair of frames keep the first whole and, of the second,
     only the tokens least similar to the token at the same position of the first; then, every 4 frames, re-prune
     frame ``i + 2`` the same way against frame ``i``. DyCoke's stage 2 (dynamic KV-cache pruning during decoding) is
-    implemented separately, not here.
+    the decode-stage method ``dycoke_kv``: compose the two for DyCoke in full.
 
     ``tokens [B, T * H * W, D]`` are ``T`` frames of ``P = H * W`` tokens (``video_grid = (T, H, W)``); clips
     shorter than ``T`` are padded with whole masked frames at the end. Per clip of ``F`` valid frames:
@@ -151,3 +157,81 @@ def dycoke(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None,
     order = torch.where(torch.arange(width, device=dev)[None, :] < total[:, None], order, -1)
     return reduction_from_indices(tokens, order, extras={"order": order, "frame_counts": frame_counts,
                                                          "reference": torch.where(pruned, reference, -1)})
+
+
+#: the official pruning ratio ``P`` of the visual KV cache while decoding (``dycoke_p=0.7`` in the README's and
+#: ``eval.sh``'s model_args): ``keep=0.3`` for ``dycoke_kv``
+OFFICIAL_KV_PRUNING_RATIO = 0.7
+
+
+@register("dycoke_kv", paper="DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models",
+          venue="CVPR 2025", repo="https://github.com/KD-TAO/DyCoke", stage="decode", kind="prune",
+          signals=("llm_attn",), optional_signals=("decode_state",), schedule=one_layer("dycoke_kv", default=3),
+          knob_ranges={"threshold": "[-1, 1]"}, main_knobs=("layer",),
+          knob_sources={
+              "layer": "official scripts: dycoke_l=3 in the README's and eval.sh's model_args",
+              "threshold": "official code: a new selection when the cosine similarity of the visual attention with "
+                           "the previous step's falls below 0.9 (dycoke_pruning)",
+          })
+def dycoke_kv(tokens: Tensor, counts: Tensor, *, mask: Tensor | None = None, llm_attn: Tensor | None = None,
+              decode_state: Tensor | None = None, threshold: float = 0.9) -> Reduction:
+    """DyCoke's dynamic KV-cache pruning (stage 2): at each decoding step, the visual tokens the new token attends
+    to most stay in the KV cache of the deeper decoder layers; the selection is renewed only when that attention
+    has moved since the previous step.
+
+    At decoding step ``t`` (the prefill prunes nothing), with ``a_t [N]`` the new token's attention to the
+    sample's visual tokens in decoder layer ``layer - 1`` (head mean, softmax over its whole cache; every visual
+    token is still there, as layers before ``layer`` keep them all):
+
+    1. ``s = cos(a_t, a_{t-1})`` over the visual tokens (no previous step: a new selection);
+    2. ``s < threshold``: the kept set becomes the ``counts[b]`` tokens of highest ``a_t`` (ties to the lowest
+       index); otherwise the previous step's kept set stays (unless it holds another count than ``counts[b]``);
+    3. ``a_t`` becomes the reference of the next step either way.
+
+    The decoder layers from ``layer`` on then attend to the kept visual tokens only (text and generated tokens
+    always stay); a pruned token's keys and values wait outside the cache and come back when a later selection
+    picks it (:mod:`vtoken.models.decode`).
+
+    Args:
+        tokens: ``[B, N, dk]`` keys of the visual tokens in decoder layer ``layer - 1`` (RoPE applied, heads
+            concatenated); DyCoke scores by attention only.
+        counts: ``[B]`` long, visual tokens kept per sample at each step: ``keep`` is ``1 - P`` for the official
+            pruning ratio ``P`` (``dycoke_p = 0.7``, ``keep=0.3``; the official count ``int(N * (1 - P))`` floors
+            where a ratio ``keep`` rounds half-up).
+        mask: optional ``[B, N]`` bool, True on real tokens.
+        llm_attn: ``[B, N]`` the new token's attention probabilities to each visual token in layer ``layer - 1``.
+        decode_state: ``[B, N, 2]`` the previous step's ``extras["state"]``: its ``llm_attn`` and its kept set
+            (1.0 on kept tokens); absent at the first decoding step.
+        layer: the first decoder layer whose cache holds only the kept visual tokens (official ``dycoke_l = 3``);
+            the attention is read from the layer before it (a schedule knob: ``vtoken.apply`` places the step).
+        threshold: a new selection when the similarity falls below it (official 0.9); ``1`` selects at every step
+            (ties aside), ``-1`` keeps the first step's selection for good.
+
+    The official code (``PrunableDynamicCache``) resets its kept set at every step, so on a step whose attention
+    did not move (step 2's "otherwise") its deeper layers attend to every visual token; the paper's rule, followed
+    here, keeps the previous step's selection instead, so every step attends to ``counts[b]`` visual tokens.
+
+    Returns the kept tokens in source order; ``extras``: ``state [B, N, 2]`` (this step's ``llm_attn`` and kept set,
+    the next step's ``decode_state``) and ``reselected [B]`` bool (whether this step made a new selection).
+    """
+    assert llm_attn is not None
+    b, n = llm_attn.shape
+    valid = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=llm_attn.device)
+    attn = llm_attn.float().masked_fill(~valid, 0.0)
+    fresh = torch.zeros(b, n + 1, dtype=torch.bool, device=attn.device)
+    top = topk_indices(attn, counts, valid)
+    fresh.scatter_(1, torch.where(top >= 0, top, n), True)
+    fresh = fresh[:, :n]
+    if decode_state is None:
+        renew = torch.ones(b, dtype=torch.bool, device=attn.device)
+        kept = fresh
+    else:
+        before, was_kept = decode_state[..., 0].float().masked_fill(~valid, 0.0), decode_state[..., 1] > 0.5
+        was_kept = was_kept & valid
+        # a state kept at another budget (not this call's counts) cannot be reused: a new selection
+        renew = (F.cosine_similarity(attn, before, dim=1) < threshold) | (was_kept.sum(1) != counts.to(attn.device))
+        kept = torch.where(renew[:, None], fresh, was_kept)
+    slots = torch.arange(n, device=attn.device).expand(b, n)
+    out = reduction_from_indices(tokens, torch.where(kept, slots, -1))
+    state = torch.stack([attn, kept.float()], dim=-1)
+    return Reduction(out.tokens, out.indices, out.mask, None, None, {"state": state, "reselected": renew})

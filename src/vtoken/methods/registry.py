@@ -18,7 +18,10 @@ from torch import Tensor
 
 from ..core import SIGNAL_SHAPES, SIGNALS
 
-STAGES = ("encoder", "pre_llm", "llm", "video")
+#: ``decode``: at every decoding step, inside the language model, on the visual tokens of the KV cache
+STAGES = ("encoder", "pre_llm", "llm", "video", "decode")
+#: the stages that run inside the language model, placed by an :class:`LLMSchedule`
+LM_STAGES = ("llm", "decode")
 KINDS = ("prune", "merge", "cluster", "pool", "layout")
 #: where a pre-LLM method runs in a VLM: on the tower's features before the projector, or on the projected tokens
 SPACES = ("vision", "projected")
@@ -372,7 +375,9 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
     projected tokens the language model sees. ``encoder_schedule`` says how an encoder-stage method spreads ``keep``
     over a ViT's layers: ``{"layers": "all" | [fractions of depth or indices], "schedule": "constant" | "geometric"}``.
     ``schedule`` (required for ``stage="llm"``) says at which decoder layers and with how many tokens an LLM-stage
-    method prunes (:class:`LLMSchedule`); its function is one pruning step on the visual hidden states.
+    method prunes (:class:`LLMSchedule`); its function is one pruning step on the visual hidden states. A
+    ``stage="decode"`` method runs at every decoding step instead: its schedule names one decoder layer (from which
+    on the KV cache holds only the visual tokens it keeps) and its function is one step's selection.
 
     Knobs are checked when ``vtoken.reduce`` is called and when ``vtoken.apply`` builds its steps (:func:`check_knobs`):
     each against its annotated type (from the function's signature), ``knob_ranges`` (a :class:`Range` string such as
@@ -392,8 +397,11 @@ def register(name: str, *, paper: str, venue: str, repo: str | None, stage: str,
                          f"'projected' (after it), got {space!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if (stage == "llm") != (schedule is not None):
-        raise ValueError(f"method {name!r}: a schedule is required for stage 'llm' and only allowed there")
+    if (stage in LM_STAGES) != (schedule is not None):
+        raise ValueError(f"method {name!r}: a schedule is required for the stages {LM_STAGES} (inside the language "
+                         "model) and only allowed there")
+    if stage == "decode" and schedule is not None and schedule.cascade:
+        raise ValueError(f"method {name!r}: a decode-stage schedule is no cascade (it names one decoder layer)")
     for s in (*signals, *optional_signals):
         if s not in SIGNALS:
             raise ValueError(f"unknown signal {s!r} for method {name!r}; known: {sorted(SIGNALS)}")

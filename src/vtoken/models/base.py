@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Reduction, reduction_from_indices, signals_where
-from ..methods import MethodInfo, SignalSpec
+from ..methods import LM_STAGES, MethodInfo, SignalSpec
 from .capture import QKCapture, QKLayer, cls_rows, full_attention, mean_keys
 from .hf import cache_of, cached_length, padding_mask
 from .llm import LLM_SIGNALS, DecoderPruner, frame_slots
@@ -193,7 +193,7 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
-    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "llm", "video")
+    stages: ClassVar[tuple[str, ...]] = ("pre_llm", "llm", "video", "decode")
     #: signals the family can provide
     provides: ClassVar[frozenset[str]] = frozenset()
     #: apply() options the family itself takes (not method knobs); video families take ``reuse_videos``
@@ -210,14 +210,15 @@ class Adapter:
         self.model = model
         #: the steps run on the visual tokens before the language model; ``llm_steps`` run inside it
         #: steps on videos: image methods per frame, then video methods per clip (:mod:`vtoken.models.video`)
-        self.video_steps = check_video_steps([s for s in steps if s.info.stage != "llm"])
+        self.video_steps = check_video_steps([s for s in steps if s.info.stage not in LM_STAGES])
         #: steps on images: every pre-LLM step that does not need a video's frame layout
         self.steps = [s for s in self.video_steps if not VIDEO_SIGNALS & set(s.info.signals)]
-        self.llm_steps = [s for s in steps if s.info.stage == "llm"]
+        self.llm_steps = [s for s in steps if s.info.stage in LM_STAGES]
         if reuse_videos:
+            # a decode-stage step prunes the cache of each new prompt while it decodes: the clip's reduction stays
             aware = [s.info.name for s in self.video_steps
-                     if QUERY_SIGNALS & {*s.info.signals, *s.info.optional_signals}] or [s.info.name
-                                                                                          for s in self.llm_steps]
+                     if QUERY_SIGNALS & {*s.info.signals, *s.info.optional_signals}] or [
+                s.info.name for s in self.llm_steps if s.info.stage == "llm"]
             if aware:
                 raise ValueError(f"reuse_videos=True reuses a video's reduction across prompts, so every method must "
                                  f"be query-agnostic; {aware} read the prompt")
@@ -244,7 +245,7 @@ class Adapter:
                 return (f"{info.name!r} ranks tokens by [CLS] attention ({', '.join(need)}); the {cls.family} vision "
                         f"tower has no CLS token and {info.name!r} declares no substitute for it (its paper and "
                         "official code define none)")
-        provided = LLM_SIGNALS if info.stage == "llm" else cls.provides
+        provided = LLM_SIGNALS if info.stage in LM_STAGES else cls.provides
         missing = [s for s in info.signals if s not in provided]
         if missing:
             return f"{cls.family} cannot provide the signal(s) {missing} that {info.name!r} needs"
@@ -614,13 +615,16 @@ class Adapter:
         layer; ``extras["llm"]`` holds ``lengths`` (sequence length entering each decoder layer), ``stages`` (per
         pruning: layer, method, visual tokens in / out per sample, the length after, the method's reduction),
         ``columns`` (``[B, L']`` prompt column, in the caller's sequence, of each slot of the last layout, ``-1`` on
-        padding) and ``pre_llm`` (the reduction before the language model)."""
+        padding), ``pre_llm`` (the reduction before the language model) and, with a decode-stage step, ``decode``
+        (one record per decoding step, :mod:`vtoken.models.decode`)."""
         assert self.handle is not None and self.llm is not None and self._state is not None
         g = self._state.gather
         cols = torch.where(final >= 0, g.gather(1, final.clamp(min=0)), -1)
         stages = [{**r, "columns": torch.where(r["columns"] >= 0, g.gather(1, r["columns"].clamp(min=0)), -1)}
                   if "columns" in r else r for r in self.llm.records]
         info = {"lengths": list(self.llm.lengths), "stages": stages, "columns": cols}
+        if self.llm.kv is not None:  # one record per decoding step, appended while generating
+            info["decode"] = self.llm.kv.records
         red = self.handle.last
         if red is None:
             return

@@ -8,6 +8,8 @@ compatibility table); when a release renames something, this is the file to chan
   ``past_key_values`` (earlier releases): :func:`cache_of`.
 * :func:`cached_length` and :func:`key_width` read a cache through ``get_seq_length(layer)`` and, for layers that
   pre-allocate their key buffers (``StaticCache``), ``layers[i].max_cache_len``.
+* :func:`layer_kv` and :func:`set_layer_kv` read and replace what one cache layer holds (``layers[i].keys`` /
+  ``.values`` ``[B, H_kv, T, d]``; a static layer's ``cumulative_length`` counts its filled columns).
 * The attention implementation is ``config._attn_implementation``: :func:`attention_implementation`.
 * ``generate`` may hand ``forward`` 4-D masks it built for a static cache (:func:`padding_mask` reads them back);
   masks are bool or additive (:func:`allows`).
@@ -53,6 +55,43 @@ def key_width(cache: Any, layer: int, new: int) -> int:
         if isinstance(size, int) and size > 0:
             return size
     return cached_length(cache, layer) + new
+
+
+def cache_layer(cache: Any, layer: int) -> Any:
+    """Decoder ``layer``'s entry of ``cache.layers`` (a ``RuntimeError`` for a cache without per-layer entries)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, (list, tuple, nn.ModuleList)) or layer >= len(layers):
+        raise RuntimeError(f"vtoken: decode-stage methods need a cache with per-layer key/value entries (a "
+                           f"DynamicCache or StaticCache), got {type(cache).__name__}")
+    return layers[layer]
+
+
+def layer_kv(cache: Any, layer: int) -> tuple[Tensor, Tensor]:
+    """The keys and values ``[B, H_kv, T, d]`` decoder ``layer`` holds (a static layer's filled columns only)."""
+    entry = cache_layer(cache, layer)
+    n = cached_length(cache, layer)
+    return entry.keys[:, :, :n], entry.values[:, :, :n]
+
+
+def set_layer_kv(cache: Any, layer: int, keys: Tensor, values: Tensor) -> None:
+    """Make decoder ``layer`` hold exactly ``keys`` / ``values`` ``[B, H_kv, T', d]``: a dynamic layer takes the
+    tensors, a static layer's buffer gets them in its first ``T'`` columns (its address is kept, as compiled graphs
+    need) and its ``cumulative_length`` set to ``T'``, so the next token is written after them."""
+    entry = cache_layer(cache, layer)
+    size = getattr(entry, "max_cache_len", None)
+    if isinstance(size, int) and size > 0:
+        n = keys.shape[2]
+        if n > size:
+            raise RuntimeError(f"vtoken: {n} tokens do not fit a static cache layer of {size}")
+        entry.keys[:, :, :n].copy_(keys)
+        entry.values[:, :, :n].copy_(values)
+        length = getattr(entry, "cumulative_length", None)
+        if isinstance(length, Tensor):
+            length.fill_(n)
+        else:
+            entry.cumulative_length = n
+        return
+    entry.keys, entry.values = keys.contiguous(), values.contiguous()
 
 
 def attention_implementation(config: Any) -> str:

@@ -353,8 +353,11 @@ class LlavaOnevisionAdapter(ClsTowerAdapter):
         return torch.bincount(images.sample[first], minlength=batch)
 
     def last_columns(self, red: Reduction, images: Images) -> tuple[Tensor, Tensor] | None:
-        """Image slot ``v * n + i`` of a folded reduction is token ``i`` of the image's view ``v``."""
+        """Image slot ``v * n + i`` of a folded reduction is token ``i`` of the image's view ``v`` (clips, one row
+        each, as the base adapter has them)."""
         ex = images.extra
+        if "view_image" not in ex:
+            return super().last_columns(red, images)
         n = images.columns.shape[1]
         image, position = ex["view_image"], ex["view_position"]
         table = torch.full((ex["n_images"], int(position.max()) + 1), -1, dtype=torch.long, device=image.device)

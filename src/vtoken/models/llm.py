@@ -39,7 +39,7 @@ mask formats); layers are called with the hidden states as their only positional
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,9 @@ from ..core import Reduction, gather_rows, signals_where
 from ..methods import SignalSpec
 from ..methods.registry import CASCADE_START
 from ..ops.attention import attention_pagerank
-from .hf import allows, attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
+from .decode import DecodeKV
+from .hf import attention_implementation, cache_of, cached_length, flat_rotary, key_width, rotary
+from .layout import Layout, order_first, rotate, row_attention, take_seq
 from .pipeline import Step
 from .sequence import compact
 
@@ -100,136 +102,6 @@ def frame_slots(images: Any, clips: Any, batch: int, length: int, device: torch.
     return out
 
 
-def take_seq(x: Tensor, cols: Tensor, seq_dim: int) -> Tensor:
-    """Gather ``x``'s sequence axis ``seq_dim`` (batch axis just before it, size ``B`` or 1) at ``cols [B, L']``
-    (``-1`` reads column 0; callers mask those)."""
-    seq_dim %= x.dim()
-    bd = seq_dim - 1
-    b, n = cols.shape
-    shape = list(x.shape)
-    shape[bd] = b
-    x = x.expand(shape)
-    view = [1] * bd + [b, n] + [1] * (x.dim() - seq_dim - 1)
-    idx = cols.clamp(min=0).reshape(view).expand(*x.shape[:bd], b, n, *x.shape[seq_dim + 1:])
-    return x.gather(seq_dim, idx)
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of ``x [B, L, H, d]`` with ``cos``/``sin [B, L, d]`` (the ``rotate_half`` convention of
-    Llama, Qwen2 and Qwen2-VL's text model, whose M-RoPE sections are already folded into ``cos``/``sin``)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
-
-
-def row_attention(q: Tensor, k: Tensor, rows: Tensor, key_valid: Tensor, scale: float) -> Tensor:
-    """Head-mean causal attention probabilities of a few query rows, float32.
-
-    Args:
-        q: ``[B, R, H, d]`` queries of the rows (RoPE applied); k: ``[B, L, H_kv, d]`` keys of the sequence.
-        rows: ``[B, R]`` long, sequence slot of each query row (it sees keys at slots ``<= rows``).
-        key_valid: ``[B, L]`` bool, real (non-padding) keys.
-        scale: logit scale.
-
-    Returns ``[B, R, L]``: ``softmax(q k^T * scale)`` over the allowed keys, averaged over the ``H`` heads (key head
-    ``h // (H / H_kv)`` serves query head ``h``, as ``repeat_kv``).
-    """
-    h, hkv = q.shape[2], k.shape[2]
-    kf = k.float().repeat_interleave(h // hkv, dim=2) if h != hkv else k.float()
-    logits = torch.einsum("brhd,blhd->bhrl", q.float(), kf) * scale
-    slots = torch.arange(k.shape[1], device=k.device)
-    allowed = key_valid[:, None, :] & (slots[None, None, :] <= rows[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(1)
-
-
-def order_first(flag: Tensor) -> tuple[Tensor, Tensor]:
-    """Slots where ``flag [B, L]`` is True, first and in order: ``(slots [B, M], valid [B, M])``, ``M`` the largest
-    count (at least 1)."""
-    counts = flag.sum(1)
-    m = max(int(counts.max()), 1)
-    order = torch.sort((~flag).to(torch.int8), dim=1, stable=True).indices[:, :m]
-    return order, torch.arange(m, device=flag.device)[None, :] < counts[:, None]
-
-
-@dataclass
-class Layout:
-    """The sequence one or more decoder layers run on: ``cols [B, L']`` prompt column (after the pre-LLM splice) of
-    each slot, ``-1`` on added padding; ``valid [B, L']`` real tokens."""
-
-    cols: Tensor
-    valid: Tensor
-    _taken: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
-    _mask: dict[str, Any] = field(default_factory=dict)
-
-    def take(self, name: str, x: Tensor, seq_dim: int) -> Tensor:
-        """``x`` gathered at this layout's columns, computed once per source tensor (every layer gets the same)."""
-        key = (name, seq_dim)
-        got = self._taken.get(key)
-        if got is not None and got[0] is x:
-            return got[1]
-        out = take_seq(x, self.cols, seq_dim)
-        self._taken[key] = (x, out)
-        return out
-
-    def prefill_mask(self, like: Any, dtype: torch.dtype, width: int) -> Tensor | None:
-        """Causal + padding mask ``[B, 1, L', width]`` of this layout (additive, ``dtype``), ``width >= L'`` the
-        keys the layer attends over (a static cache's buffer is wider; its unused columns are masked). ``None``
-        where the model passed none (its kernel is causal by itself) and nothing needs masking. Added padding rows
-        see themselves."""
-        valid = self.valid
-        n = valid.shape[1]
-        if like is None and width == n and bool(valid.all()):
-            return None
-        key = ("prefill", dtype, width)
-        if key not in self._mask:
-            eye = torch.eye(n, dtype=torch.bool, device=valid.device)
-            allowed = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :]
-            allowed = allowed | (eye[None] & ~valid[:, :, None])
-            self._mask[key] = additive(pad_columns(allowed[:, None], width), dtype)
-        return self._mask[key]
-
-    def decode_mask(self, like: Any, dtype: torch.dtype, q: int, length0: int, cached: int, width: int) -> Any:
-        """The mask ``[B, 1, q, width]`` (additive, ``dtype``) of a decode step of ``q`` tokens for a layer of this
-        layout holding ``cached`` tokens before the step: its layout slots (padding masked), then the generated
-        tokens' columns as the model's own mask ``like`` (sized for layer 0's cache of ``length0`` prompt slots)
-        has them, causal where it has none, then the unused columns of a static cache's buffer."""
-        b, n = self.cols.shape
-        new = cached - n + q  # generated so far + this step
-        if like is None and width == n + new and bool(self.valid.all()):
-            return None
-        prefix = self.valid[:, None, None, :].expand(b, 1, q, n)
-        tail = allowed_of(like, b, q, length0, new)
-        if tail is None:
-            j, r = torch.arange(new, device=self.cols.device), torch.arange(q, device=self.cols.device)
-            tail = (j[None, :] <= new - q + r[:, None])[None, None].expand(b, 1, q, new)
-        return additive(pad_columns(torch.cat([prefix, tail], dim=-1), width), dtype)
-
-
-def allowed_of(like: Any, b: int, q: int, start: int, count: int) -> Tensor | None:
-    """``[B, 1, q, count]`` bool: which of columns ``start:start + count`` the model's decode mask ``like`` (bool or
-    additive, ``[B or 1, heads or 1, q, >= start + count]``) allows; ``None`` when ``like`` is no such tensor."""
-    if not isinstance(like, Tensor) or like.dim() != 4 or like.shape[-2] != q or like.shape[-1] < start + count:
-        return None
-    return allows(like[:, :1, :, start:start + count]).expand(b, 1, q, count)
-
-
-def pad_columns(allowed: Tensor, width: int) -> Tensor:
-    """``allowed [..., W]`` bool with masked columns appended up to ``width``."""
-    extra = width - allowed.shape[-1]
-    if extra < 0:
-        raise RuntimeError(f"vtoken: a decoder layer attends over {width} keys, fewer than its {allowed.shape[-1]} "
-                           "cached and new tokens")
-    if extra == 0:
-        return allowed
-    return torch.cat([allowed, allowed.new_zeros(*allowed.shape[:-1], extra)], dim=-1)
-
-
-def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """An additive float mask (0 where allowed, the dtype's lowest value elsewhere): eager and SDPA, with or
-    without grouped-query packing, read it the same way."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def source(info: Any) -> str:
     """Which decoder layer's q/k score a method's attention signals: ``"previous"`` (layer ``K - 1``'s attention, as
     it ran; default) or ``"current"`` (layer ``K``'s own projections of its input), from its ``signal_spec``
@@ -272,6 +144,8 @@ class DecoderPruner:
             raise ValueError(f"llm-stage methods need full attention in every decoder layer; this language model has "
                              f"layer_types {sorted(types)}")
         self.plan: list[Planned] = []
+        decode = [s for s in steps if s.info.stage == "decode"]
+        steps = [s for s in steps if s.info.stage != "decode"]
         for step in steps:
             knobs = {**step.info.defaults, **step.kwargs}
             layers = step.info.schedule.plan_layers(depth, knobs)
@@ -282,6 +156,21 @@ class DecoderPruner:
             if p.layer == 0 and source(p.step.info) == "previous" and need:
                 raise ValueError(f"{p.step.info.name!r} runs before decoder layer 0 but needs {sorted(need)} from the "
                                  "layer before it")
+        #: the decode-stage step (:mod:`vtoken.models.decode`), at most one
+        self.kv: DecodeKV | None = None
+        if len(decode) > 1:
+            raise ValueError(f"one decode-stage method at a time, got {[s.info.name for s in decode]}")
+        if decode:
+            step = decode[0]
+            knobs = {**step.info.defaults, **step.kwargs}
+            layer = step.info.schedule.plan_layers(depth, knobs)[0]
+            late = [p for p in self.plan if p.layer >= layer]
+            if late:
+                raise ValueError(f"{step.info.name!r} prunes the KV cache of decoder layers {layer} and later while "
+                                 f"decoding; {late[0].step.info.name!r} prunes before layer {late[0].layer} at the "
+                                 f"prefill: llm-stage steps compose only before layer {layer} (give them an earlier "
+                                 f"layer, or {step.info.name!r} a later one)")
+            self.kv = DecodeKV(self, step, layer, knobs)
         previous = [p for p in self.plan if source(p.step.info) == "previous" and p.layer > 0]
         self.capture_layers = sorted({p.layer - 1 for p in previous})
         #: per captured layer, the steps that read it (a finished cascade no longer needs its capture)
@@ -321,6 +210,8 @@ class DecoderPruner:
             attn = self.layers[i].self_attn
             for part, module in (("q", attn.q_proj), ("k", attn.k_proj)):
                 self._hooks.append(module.register_forward_hook(self._hook(i, part)))
+        if self.kv is not None:
+            self.kv.attach()
 
     def detach(self) -> None:
         for layer, fwd in self._wrapped:
@@ -330,6 +221,8 @@ class DecoderPruner:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.kv is not None:
+            self.kv.detach()
         self.reset()
 
     def _hook(self, index: int, part: str) -> Callable[..., None]:
@@ -353,6 +246,8 @@ class DecoderPruner:
         self.signal_positions = None
         self.slots = None
         self.states, self.finished = {}, set()
+        if self.kv is not None:
+            self.kv.reset()
 
     def arm(self, visual: Tensor, valid: Tensor, images: Tensor, positions: Tensor | None = None,
             slots: Tensor | None = None) -> None:
@@ -373,10 +268,20 @@ class DecoderPruner:
         """After the prefill forward: switch to decode mode; returns the last layout's columns ``[B, L']``."""
         self.store.clear()
         self.embeds = None
+        if self.mode == "prefill" and self.kv is not None:  # layers K - 1 and K ran on one layout (see __init__)
+            base = self.cur if self.cur is not None else self.full_layout()
+            self.kv.start(base, self.visual, self.images)
+            for j in range(self.kv.layer, len(self.layers)):
+                self.layouts[j] = base
         self.mode = "decode" if self.layouts else "off"
         cols = self.cur.cols if self.cur is not None else torch.where(
             self.valid0, torch.arange(self.valid0.shape[1], device=self.valid0.device), -1)
         return cols
+
+    def full_layout(self) -> Layout:
+        """The prompt as the model built it: every column (its padding marked invalid)."""
+        b, length = self.valid0.shape
+        return Layout(torch.arange(length, device=self.valid0.device).expand(b, length).clone(), self.valid0)
 
     # ---- the wrapped layer ------------------------------------------------------------------------------------
     def layer_forward(self, i: int, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -386,6 +291,8 @@ class DecoderPruner:
             raise RuntimeError("vtoken: decoder layers must receive everything but the hidden states as keywords")
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if self.mode == "decode":
+            if self.kv is not None and i == self.kv.layer:
+                self.kv.run(kwargs)
             lay = self.layouts.get(i)
             if lay is not None:
                 cache, q = cache_of(kwargs), hidden.shape[1]
@@ -393,6 +300,8 @@ class DecoderPruner:
                 width = key_width(cache, i, q) if cache is not None else cached + q
                 kwargs["attention_mask"] = lay.decode_mask(kwargs.get("attention_mask"), hidden.dtype, q,
                                                            self.visual.shape[1], cached, width)
+            if self.kv is not None and i == self.kv.layer - 1:
+                self.kv.observe(kwargs)
             return original(hidden, **kwargs)
         if i == 0 and self.keep_embeds:
             self.embeds = hidden
@@ -431,9 +340,7 @@ class DecoderPruner:
         if cascade and id(p.step) in self.finished:
             return hidden
         b, length = hidden.shape[:2]
-        lay = self.cur
-        if lay is None:  # the prompt as the model built it: every column (its padding marked invalid)
-            lay = Layout(torch.arange(length, device=hidden.device).expand(b, length).clone(), self.valid0)
+        lay = self.cur if self.cur is not None else self.full_layout()
         cols, valid = lay.cols, lay.valid
         vis = self.visual.gather(1, cols.clamp(min=0)) & (cols >= 0) & valid
         nv = vis.sum(1)

@@ -51,12 +51,17 @@ def _as_counts(k: int | Tensor, b: int, device: torch.device) -> Tensor:
 def dpc_distance(x: Tensor, mask: Tensor | None = None, scale: bool = True) -> Tensor:
     """Pairwise Euclidean distances ``[B, N, N]`` (float32/float64) of ``x [B, N, C]``, divided by ``sqrt(C)``.
 
-    Computed from the coordinate differences (``torch.cdist`` without the Gram-matrix shortcut, so the diagonal is
-    exactly 0 and small distances keep their precision). Entries involving a masked-out point (``mask [B, N]`` False)
-    are ``+inf``. ``scale=False`` skips the ``1 / sqrt(C)`` factor.
+    Computed from the Gram matrix in float64 (``|a|^2 + |b|^2 - 2 a.b``, one matrix product: the cancellation of
+    small distances costs about ``1e-16 |a|^2``, far below float32's resolution of the coordinates themselves), then
+    rounded to the working dtype, the diagonal exactly 0. Entries involving a masked-out point (``mask [B, N]``
+    False) are ``+inf``. ``scale=False`` skips the ``1 / sqrt(C)`` factor.
     """
     x = float32(x)
-    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    w = x.double()
+    sq = w.square().sum(-1)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * (w @ w.transpose(1, 2))).clamp(min=0.0)
+    d = d2.sqrt().to(x.dtype)
+    d.diagonal(dim1=1, dim2=2).zero_()
     if scale:
         d = d / math.sqrt(x.shape[-1])
     if mask is not None:
