@@ -255,12 +255,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.report import markdown_table
-    from .bench.run import run_bench
 
-    report = run_bench(args.model, methods=args.methods, keeps=args.keep, limit=args.limit,
-                       batch_size=args.batch_size, repeats=args.repeats, out_dir=args.out, overlays=args.overlays,
-                       progress=not args.no_progress, device=args.device, allow_download=args.allow_download,
-                       resume=not args.fresh)
+    if args.suite == "video":
+        from .bench.video import DEFAULT_VIDEO_KEEPS, DEFAULT_VIDEO_LIMIT, run_video_bench
+
+        if args.allow_download:
+            _error("--allow-download: the video suite reads a local model folder only")
+        args.out = args.out or "out/bench-video"
+        report = run_video_bench(args.model, methods=args.methods, keeps=args.keep or list(DEFAULT_VIDEO_KEEPS),
+                                 limit=args.limit or DEFAULT_VIDEO_LIMIT, batch_size=args.batch_size or 20,
+                                 repeats=args.repeats, out_dir=args.out,
+                                 strips=2 if args.overlays is None else args.overlays,
+                                 progress=not args.no_progress, device=args.device, resume=not args.fresh)
+    else:
+        from .bench.run import run_bench
+
+        args.out = args.out or "out/bench"
+        report = run_bench(args.model, methods=args.methods, keeps=args.keep or ["all", "0.5", "0.25", "0.11"],
+                           limit=args.limit, batch_size=args.batch_size or 50, repeats=args.repeats,
+                           out_dir=args.out, overlays=3 if args.overlays is None else args.overlays,
+                           progress=not args.no_progress, device=args.device, allow_download=args.allow_download,
+                           resume=not args.fresh)
     rows = report["rows"]
     failed = [r for r in rows[1:] if r.get("error")]
     if report.get("files"):  # rank 0 under torchrun
@@ -275,9 +290,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .bench.show import show
+    from .bench.video import is_clip, show_clip
 
-    path = show(args.image, args.method, args.keep, model_path=args.model, question=args.question, out=args.out,
-                allow_download=args.allow_download)
+    if is_clip(args.image):
+        path = show_clip(args.image, args.method, args.keep, model_path=args.model,
+                         question=args.question or "what appears first?", out=args.out)
+    else:
+        path = show(args.image, args.method, args.keep, model_path=args.model,
+                    question=args.question or "what is in the middle center?", out=args.out,
+                    allow_download=args.allow_download)
     print(path)
     return 0
 
@@ -315,41 +336,49 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="folder for overlays.png ('': none)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="accuracy, latency, FLOPs and KV cache of methods x budgets on a VLM "
-                                     "(default: the bundled micro LLaVA on Fashion collage VQA)")
+                                     "(default: the bundled micro LLaVA on Fashion collage VQA; --suite video: the "
+                                     "bundled micro video VLM on Fashion clips)")
+    b.add_argument("--suite", choices=("image", "video"), default="image",
+                   help="image: images and pre-LLM / llm-stage methods; video: clips, video methods and image "
+                        "methods per frame")
     b.add_argument("--model", default=None, help="a local Hugging Face image-text-to-text model folder "
                                                  "(default: bundled)")
     b.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
     b.add_argument("--methods", nargs="+", type=method_name,
                    help="method names (default: every method the model runs)")
-    b.add_argument("--keep", nargs="+", type=budget_arg, default=["all", "0.5", "0.25", "0.11"],
-                   help="budgets: 'all', int counts, ratios or percentages (default: all 0.5 0.25 0.11)")
-    b.add_argument("--limit", type=positive_int, default=None, help="only the first N test questions")
-    b.add_argument("--batch-size", type=positive_int, default=50)
+    b.add_argument("--keep", nargs="+", type=budget_arg, default=None,
+                   help="budgets: 'all', int counts, ratios or percentages (default: all 0.5 0.25 0.11; video: all "
+                        "0.5 0.25 0.1, the clip's budget)")
+    b.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N test questions (default: all; video: 140 of the 420)")
+    b.add_argument("--batch-size", type=positive_int, default=None, help="default 50 (video: 20)")
     b.add_argument("--repeats", type=positive_int, default=3, help="timed prefill repeats (median)")
-    b.add_argument("--overlays", type=non_negative_int, default=3,
-                   help="example images in the overlay sheets (0: none)")
-    b.add_argument("--out", default="out/bench", help="report folder; finished configurations go to "
-                                                      "partial.jsonl there as they finish")
+    b.add_argument("--overlays", type=non_negative_int, default=None,
+                   help="example images in the overlay sheets (default 3; video: clips with strips, 2; 0: none)")
+    b.add_argument("--out", default=None, help="report folder (default out/bench, video: out/bench-video); "
+                                               "finished configurations go to partial.jsonl there as they finish")
     b.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
                    help="recompute every configuration (default: reuse those partial.jsonl in --out holds for the "
                         "same model, data and settings)")
     b.add_argument("--device", default=None, help="torch device (default: the model's, CPU)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
-    s = sub.add_parser("show", help="write an overlay PNG of the visual tokens a method keeps on an image")
-    s.add_argument("image", help="an image file")
+    s = sub.add_parser("show", help="write an overlay PNG of the visual tokens a method keeps on an image or a clip")
+    s.add_argument("image", help="an image file, or a clip: a folder of frames, a .gif or an .npy [F, H, W, 3] "
+                                 "(then the model is a video VLM, default: the bundled micro video VLM)")
     s.add_argument("--method", required=True, type=method_name)
     s.add_argument("--keep", type=keep_arg, required=True,
                    help="an int count >= 1, a ratio in (0, 1] or a percentage")
     s.add_argument("--model", default=None, help="a local Hugging Face VLM folder (default: the bundled micro LLaVA)")
     s.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
-    s.add_argument("--question", default="what is in the middle center?", help="the prompt's question")
+    s.add_argument("--question", default=None, help="the prompt's question (default: what is in the middle "
+                                                    "center? for an image, what appears first? for a clip)")
     s.add_argument("--out", default=None, help="output image, .png (or .jpg, .webp, ...) (default: "
                                                "<image>_<method>_<keep>.png in out/show)")
     s.set_defaults(func=cmd_show)
-    t = sub.add_parser("train-micro", help="train the micro ViT and micro LLaVA (seeded, resumable)")
+    t = sub.add_parser("train-micro", help="train the micro ViT, micro LLaVA and micro video VLM (seeded, resumable)")
     t.add_argument("--out", default="out/micro", help="run folder (checkpoints, models, metrics)")
-    t.add_argument("--only", choices=("vit", "llava"), default=None, help="train only one of the two")
+    t.add_argument("--only", choices=("vit", "llava", "video"), default=None, help="train only one of them")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--root", default=None, help="Fashion-MNIST directory (default: Debian package / env)")
     t.add_argument("--device", default=None, help="torch device (default: CUDA when present)")

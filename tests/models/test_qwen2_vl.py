@@ -368,3 +368,22 @@ def test_errors_leave_the_model_unpatched(models, inputs, reference, family):
         (TypeError, "bogus", "divprune", {"keep": 6, "bogus": 1}),
     ], failing=[("divprune", {"keep": 6}, dict(inputs, input_ids=ids), ValueError, "image tokens")], keep=6,
         reference=reference[family][0])
+
+
+def test_received_attention_is_computed_per_segment():
+    """The attention each patch receives, batched over attention segments (frames, windows), against a loop over
+    segments: each segment's softmax rows summed at its keys, over heads and the image's query rows."""
+    from vtoken.models.qwen2_vl import received_attention
+
+    g = torch.Generator().manual_seed(0)
+    segs = torch.tensor([0] * 4 + [1] * 6 + [2] * 6)       # image 0: segments of 4 and 6 patches; image 1: one of 6
+    image = torch.tensor([0] * 10 + [1] * 6)
+    counts = torch.tensor([10, 6])
+    q, k = torch.randn(16, 3, 5, generator=g), torch.randn(16, 3, 5, generator=g)
+    got = received_attention(q, k, segs, image, counts, 0.4, max_elements=50)  # small chunks: several passes
+    ref = torch.zeros(16)
+    for s in range(3):
+        idx = (segs == s).nonzero()[:, 0]
+        probs = (torch.einsum("qhd,khd->hqk", q[idx], k[idx]) * 0.4).softmax(-1)
+        ref[idx] = probs.sum((0, 1)) / (3 * counts[image[idx]].float())
+    torch.testing.assert_close(got, ref)

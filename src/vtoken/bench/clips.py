@@ -243,9 +243,11 @@ def render_clip(spec: ClipSpec, tiles: np.ndarray, hold: int = HOLD, cell: int =
 
 def make_clips(split: str, n_clips: int, seed: int, root: str | Path | None = None, questions_per_clip: int = 1,
                steps: int = STEPS, hold: int = HOLD, rows: int = ROWS, cols: int = COLS, cell: int = CELL,
-               border: int = BORDER, objects: tuple[int, int] = OBJECTS) -> list[ClipExample]:
+               border: int = BORDER, objects: tuple[int, int] = OBJECTS, render: bool = True) -> list[ClipExample]:
     """``n_clips * questions_per_clip`` balanced examples (module docstring) on clips of Fashion-MNIST ``split``
-    items only, deterministic in ``seed``. A clip's questions are of distinct types."""
+    items only, deterministic in ``seed``. A clip's questions are of distinct types. ``render=False`` leaves
+    ``frames`` empty (``uint8 [0]``; :func:`render_clip` makes them from ``spec`` and ``tiles``): a training set
+    of many clips then holds a few hundred bytes a clip."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n_clips < 1 or not 1 <= questions_per_clip <= len(QTYPES):
@@ -280,7 +282,7 @@ def make_clips(split: str, n_clips: int, seed: int, root: str | Path | None = No
         table[:, FIELDS.index("source")] = sources
         spec = ClipSpec(table, steps, rows, cols)
         tiles = images[sources].astype(np.uint8) if k else np.zeros((0, ITEM, ITEM), np.uint8)
-        frames = render_clip(spec, tiles, hold, cell, border)
+        frames = render_clip(spec, tiles, hold, cell, border) if render else np.zeros(0, np.uint8)
         types = [lead] + [QTYPES[j] for j in order[1:] if candidate_questions(spec)[QTYPES[j]]]
         for n, qtype in enumerate(types[:questions_per_clip]):
             options = cands[qtype] if n else [qa for qa in cands[qtype] if qa[1] == target]

@@ -10,13 +10,19 @@ from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["default_model_path", "default_vit_path", "progress_bar"]
+__all__ = ["default_model_path", "default_video_model_path", "default_vit_path", "progress_bar"]
 
 
 def default_model_path() -> Path:
     """Directory of the shipped, trained micro LLaVA (``vtoken/assets/micro_llava``): ``vtoken bench``'s default
     model."""
     return Path(str(resources.files("vtoken") / "assets" / "micro_llava"))
+
+
+def default_video_model_path() -> Path:
+    """Directory of the shipped, trained micro video VLM (``vtoken/assets/micro_video``): ``vtoken bench --suite
+    video``'s default model."""
+    return Path(str(resources.files("vtoken") / "assets" / "micro_video"))
 
 
 def default_vit_path() -> Path:

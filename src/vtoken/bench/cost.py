@@ -214,6 +214,37 @@ def vit_flops(config: Any, images: int = 1, *, layers: int | None = None, detail
     return out if detail else out["total"]
 
 
+def qwen_vit_flops(config: Any, grid_thw: Sequence[int]) -> float:
+    """FLOPs of a Qwen2-VL / Qwen2.5-VL vision tower on one image or clip of ``grid_thw = (t, h, w)`` patches: patch
+    embedding over ``C * temporal_patch * p^2`` inputs, per block projections ``2 P (4 W^2)``, attention ``4 P S W``
+    with ``S`` the keys a patch sees (its ``h * w`` frame in full-attention blocks, its window of
+    ``(window_size / patch)^2`` patches in the others; Qwen2-VL attends over the frame in every block) and the MLP
+    (three ``W x I`` matrices for Qwen2.5-VL's SwiGLU, two for Qwen2-VL's), then the 2 x 2 patch merger."""
+    cfg = _vision_config(config)
+    t, h, w = (int(v) for v in grid_thw)
+    patches = t * h * w
+    width = int(getattr(cfg, "embed_dim", None) or cfg.hidden_size)
+    depth = int(getattr(cfg, "depth", None) or cfg.num_hidden_layers)
+    p, tp = int(cfg.patch_size), int(getattr(cfg, "temporal_patch_size", 2))
+    merge = int(getattr(cfg, "spatial_merge_size", 2))
+    out_w = int(getattr(cfg, "out_hidden_size", None) or getattr(cfg, "hidden_size", width))
+    windowed = getattr(cfg, "fullatt_block_indexes", None) is not None
+    if windowed:
+        inter, mats = int(cfg.intermediate_size), 3
+        full = set(cfg.fullatt_block_indexes)
+        window = min((int(cfg.window_size) // p) ** 2, h * w)
+    else:
+        inter, mats = int(width * getattr(cfg, "mlp_ratio", 4)), 2
+        full, window = set(range(depth)), h * w
+    embed = 2.0 * patches * 3 * tp * p * p * width
+    proj = 2.0 * patches * 4 * width * width * depth
+    attention = sum(4.0 * patches * (h * w if i in full else window) * width for i in range(depth))
+    mlp = 2.0 * patches * mats * width * inter * depth
+    m = merge * merge * width
+    merger = 2.0 * (patches // (merge * merge)) * (m * m + m * out_w)
+    return embed + proj + attention + mlp + merger
+
+
 def projector_flops(config: Any, tokens: int, batch: int = 1) -> float:
     """FLOPs of LLaVA's two-layer MLP projector (vision width -> text width -> text width) on ``tokens`` tokens per
     sample; a list-valued ``vision_feature_layer`` concatenates that many feature layers on the input side."""

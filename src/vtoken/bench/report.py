@@ -18,13 +18,24 @@ _COLUMNS = ("method", "keep", "stage", "visual_tokens", "visual_tokens_mean", *(
             "acc_overall", "relative", "latency_ms", "speedup", "gflops", "kv_bytes", "error")
 
 
+def columns(report: dict[str, Any]) -> list[str]:
+    """The CSV columns: the row fields, one accuracy per question type of the report (``qtypes``), and the tokens
+    kept per time step for a video report."""
+    qtypes = report.get("qtypes") or list(QTYPES)
+    head, tail = list(_COLUMNS[:5]), list(_COLUMNS[5 + len(QTYPES):])
+    extra = ["kept_per_step"] if any(r.get("frame_counts") for r in report["rows"]) else []
+    return [*head, *(f"acc_{t}" for t in qtypes), *tail, *extra]
+
+
 def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat dictionary per row (the CSV columns)."""
+    """One flat dictionary per row (the :func:`columns`)."""
     out = []
     for r in report["rows"]:
-        row = {k: r.get(k) for k in _COLUMNS if not k.startswith("acc_")}
-        for t in (*QTYPES, "overall"):
+        row = {k: r.get(k) for k in columns(report) if not k.startswith("acc_")}
+        for t in (*(report.get("qtypes") or QTYPES), "overall"):
             row[f"acc_{t}"] = r["accuracy"].get(t)
+        if "kept_per_step" in row:
+            row["kept_per_step"] = " ".join(f"{v:g}" for v in r.get("frame_counts") or [])
         out.append(row)
     return out
 
@@ -38,8 +49,9 @@ def _fmt(v: Any, spec: str) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table (accuracy in %, latency in ms, FLOPs in GFLOPs, KV cache in KiB)."""
     qtypes = report.get("qtypes") or list(QTYPES)
+    steps = any(r.get("frame_counts") for r in report["rows"])
     head = ["method", "keep", "visual tokens", *qtypes, "overall", "rel.", "prefill ms", "speedup", "GFLOPs",
-            "KV KiB"]
+            "KV KiB", *(["kept per step"] if steps else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in report["rows"]:
         if r.get("error"):
@@ -54,6 +66,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                  _fmt(100 * acc["overall"], ".1f"), _fmt(r.get("relative"), ".3f"), _fmt(r.get("latency_ms"), ".1f"),
                  _fmt(r.get("speedup"), ".2f") + "x" if r.get("speedup") else "-", _fmt(r.get("gflops"), ".3f"),
                  _fmt(r["kv_bytes"] / 1024 if r.get("kv_bytes") is not None else None, ".0f")]
+        if steps:
+            cells.append(" ".join(f"{v:.0f}" for v in r.get("frame_counts") or []) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,7 +188,7 @@ def write_report(report: dict[str, Any], out: Path, overlay_data: dict[str, Any]
     paths[1].write_text(json.dumps({f"{r['method']}@{r['keep']}": r["predictions"] for r in report["rows"]}) + "\n")
     rows = flat_rows(report)
     with paths[2].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=columns(report))
         writer.writeheader()
         writer.writerows(rows)
     paths[3].write_text(markdown_table(report))

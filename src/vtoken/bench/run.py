@@ -66,6 +66,7 @@ class Row:
     kv_bytes: int | None = None
     error: str | None = None
     predictions: list[str] = field(default_factory=list, repr=False)
+    frame_counts: list[float] | None = None  # video: mean tokens kept per time step of a clip
 
 
 # ---------------------------------------------------------------------------------------------------- parsing

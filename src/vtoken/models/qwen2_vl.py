@@ -68,40 +68,42 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.float()[:, None] + torch.cat([-x2, x1], dim=-1) * sin.float()[:, None]
 
 
-def received_attention(q: Tensor, k: Tensor, segments: Tensor, image: Tensor, local: Tensor, counts: Tensor,
-                       scale: float, max_elements: int = 1 << 26) -> Tensor:
+def received_attention(q: Tensor, k: Tensor, segments: Tensor, image: Tensor, counts: Tensor, scale: float,
+                       max_elements: int = 1 << 26) -> Tensor:
     """Attention each patch receives in one layer, recomputed within the layer's attention segments.
 
     Args:
         q, k: ``[P, H, d]`` queries / keys (RoPE applied) of the ``P`` patches of all images, tower order.
-        segments: ``[P]`` long, attention segment of each patch (patches attend only within their segment).
-        image, local: ``[P]`` long, image of each patch and its place among that image's patches.
+        segments: ``[P]`` long, non-decreasing: the attention segment of each patch (a frame, or a window of
+            Qwen2.5-VL's windowed blocks; patches attend only within their segment, which lies in one image).
+        image: ``[P]`` long, image of each patch.
         counts: ``[I]`` patches per image.
         scale: logit scale (``head_dim ** -0.5``).
-        max_elements: size of one chunk of logits (heads are processed in chunks).
+        max_elements: size of one chunk of logits (segments are processed in chunks).
 
     Returns ``[P]`` float32: the softmax probabilities ``softmax(q k^T * scale)`` each patch receives as a key,
-    averaged over heads and over all query rows of its image.
+    summed over the query rows of its segment, averaged over heads and over every query row of its image (rows of
+    other segments give it nothing). Segments are batched padded to the longest, so the cost is that of the
+    attention the tower itself computed, not of the whole image's ``P^2``.
     """
-    n_img, pmax = counts.numel(), int(counts.max())
-    _, h, d = q.shape
-    qp = q.new_zeros(n_img, pmax, h, d, dtype=torch.float32)
-    kp = torch.zeros_like(qp)
-    qp[image, local] = q.float()
-    kp[image, local] = k.float()
-    qp, kp = qp.transpose(1, 2), kp.transpose(1, 2)  # [I, H, pmax, d]
-    seg = torch.full((n_img, pmax), -1, dtype=torch.long, device=q.device)
-    seg[image, local] = segments
-    valid = seg >= 0
-    blocked = (seg[:, :, None] != seg[:, None, :]) | ~valid[:, :, None]  # [I, query, key]
-    out = torch.zeros(n_img, pmax, dtype=torch.float32, device=q.device)
-    step = max(1, max_elements // max(1, n_img * pmax * pmax))
-    for h0 in range(0, h, step):  # chunks of heads bound the memory of the [I, h, pmax, pmax] logits
-        logits = (qp[:, h0:h0 + step] @ kp[:, h0:h0 + step].transpose(-1, -2)) * scale
-        probs = torch.softmax(logits.masked_fill(blocked[:, None], float("-inf")), dim=-1)
-        out += probs.masked_fill(~valid[:, None, :, None], 0.0).sum((1, 2))
-    out = out / (h * counts[:, None].float())
-    return out[image, local]
+    p, h, d = q.shape
+    lengths = torch.bincount(segments, minlength=int(segments.max()) + 1 if p else 0)
+    starts = lengths.cumsum(0) - lengths
+    n_seg, lmax = lengths.numel(), int(lengths.max()) if p else 0
+    pos = torch.arange(p, device=q.device) - starts[segments]
+    qs = q.new_zeros(n_seg, lmax, h, d, dtype=torch.float32)
+    ks = torch.zeros_like(qs)
+    qs[segments, pos], ks[segments, pos] = q.float(), k.float()
+    qs, ks = qs.transpose(1, 2), ks.transpose(1, 2)                                  # [S, H, L, d]
+    valid = torch.arange(lmax, device=q.device)[None, :] < lengths[:, None]          # [S, L]
+    recv = torch.zeros(n_seg, lmax, dtype=torch.float32, device=q.device)
+    step = max(1, max_elements // max(1, h * lmax * lmax))
+    for s0 in range(0, n_seg, step):  # chunks of segments bound the memory of the [S, H, L, L] logits
+        sl = slice(s0, s0 + step)
+        logits = (qs[sl] @ ks[sl].transpose(-1, -2)) * scale
+        probs = torch.softmax(logits.masked_fill(~valid[sl, None, None, :], float("-inf")), dim=-1)
+        recv[sl] = probs.masked_fill(~valid[sl, None, :, None], 0.0).sum((1, 2))
+    return recv[segments, pos] / (h * counts[image].float())
 
 
 @dataclass
@@ -328,7 +330,7 @@ class Qwen2VLAdapter(Adapter):
             ex = images.extra
             counts = ex["counts"] * ex["unit"]
             scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-            per_patch = received_attention(q, k, segments, ex["p_img"], ex["p_local"], counts, scale)
+            per_patch = received_attention(q, k, segments, ex["p_img"], counts, scale)
             cache[layer] = self.pool(per_patch, images)
         return cache[layer]
 
