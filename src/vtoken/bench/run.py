@@ -407,6 +407,62 @@ def check_keeps(keeps: Sequence[str]) -> list[int | float | None]:
     return values
 
 
+def run_configs(model: nn.Module, configs: Sequence[tuple[str, int | float | None]], done: dict[str, Any],
+                measure: Callable[..., tuple[Row, Any]], *, bar: Any, label: str, units: int, partial: Path | None,
+                keys: dict[str, dict[str, Any]], extra: str, to_json: Callable[[Any], Any] = lambda x: x,
+                from_json: Callable[[Any], Any] = lambda x: x) -> tuple[list[Row], dict[str, Any]]:
+    """The loop both benches share: for each ``(method, keep)`` (``keep=None``: the unpatched model, first) reuse
+    its finished row from ``done`` or patch the model, ``measure(name, keep, stage, handle, advance)`` it
+    (``advance`` moves the progress bar by one of the config's ``units``; returns the row and an ``extra`` artifact
+    such as overlay data) and remove the patch; a ``ValueError``/``TypeError``/``NotImplementedError`` becomes an
+    error row. Finished rows (not errors: they are cheap to find again) are appended to ``partial`` under
+    ``keys``. Relative accuracy and speedup are set against the first row. Returns the rows and the artifacts by
+    ``method@keep``."""
+    from ..models import apply
+
+    rows: list[Row] = []
+    extras: dict[str, Any] = {}
+    task = bar.add_task(label, total=len(configs) * units, info="") if bar is not None else None
+    advance = (lambda: bar.advance(task)) if bar is not None else None
+    for name, keep in configs:
+        config = f"{name}@{keep_label(keep)}"
+        if config in done:
+            rows.append(Row(**done[config]["row"]))
+            if done[config].get(extra) is not None:
+                extras[config] = from_json(done[config][extra])
+            if bar is not None:
+                bar.advance(task, units)
+            continue
+        if bar is not None:
+            bar.update(task, info=f"{name} keep={keep_label(keep)}")
+        stage = "-" if keep is None else get_method(name).stage
+        handle = None
+        try:
+            if keep is not None:
+                handle = apply(model, name, keep=keep)
+            row, artifact = measure(name, keep, stage, handle, advance)
+            rows.append(row)
+            if artifact is not None:
+                extras[config] = artifact
+        except (ValueError, TypeError, NotImplementedError) as err:
+            rows.append(Row(name, keep_label(keep), stage, float("nan"), float("nan"), {}, error=str(err)))
+            if bar is not None:
+                bar.advance(task, units)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if partial is not None and rows[-1].error is None:
+            append_partial(partial, {"key": keys[config], "row": asdict(rows[-1]),
+                                     extra: to_json(extras.get(config))})
+    full = rows[0]
+    for r in rows:
+        if r.accuracy and full.accuracy.get("overall"):
+            r.relative = r.accuracy["overall"] / full.accuracy["overall"]
+        if r.latency_ms and full.latency_ms:
+            r.speedup = full.latency_ms / r.latency_ms
+    return rows, extras
+
+
 def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | None = None,
               keeps: Sequence[str] = DEFAULT_KEEPS, limit: int | None = None, batch_size: int = 50,
               repeats: int = 3, out_dir: str | Path | None = "out/bench", examples: list[Example] | None = None,
@@ -423,7 +479,7 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
     Every argument, the model folder and ``out_dir`` (created, probed for writing) are checked before the model
     loads; bad ones raise :class:`~.errors.UsageError` (a ``ValueError``) or ``FileNotFoundError``.
     """
-    from ..models import apply, find_adapter
+    from ..models import find_adapter
     from .report import write_report
 
     rank, world = dist_context()
@@ -481,9 +537,6 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
     image_id = int(getattr(cfg, "image_token_id", getattr(cfg, "image_token_index", -1)))
     timing_batch = batches[0]
     n_visual = _num_visual(timing_batch, image_id)
-    rows: list[Row] = []
-    overlay_data: dict[str, Any] = {}
-
     partial = Path(out_dir) / PARTIAL if rank == 0 and out_dir is not None else None
     keys: dict[str, dict[str, Any]] = {}
     done: dict[str, dict[str, Any]] = {}
@@ -504,56 +557,25 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
         say(f"bench: resuming, {len(done)} of {len(configs)} configurations already in {partial} "
             "(--fresh recomputes them)")
 
-    bar_cm = progress_bar(progress and rank == 0)
+    def measure(name: str, keep: int | float | None, stage: str, handle: Any,
+                advance: Callable[[], None] | None) -> tuple[Row, Any]:
+        local = answer(model, processor, batches, mine, max_new_tokens, on_batch=advance)
+        merged = gather_answers(local, world)
+        preds = [a for i in range(len(batches)) for a in merged[i]]
+        acc = accuracy_by_type(preds, exs)
+        ms = prefill_ms(model, timing_batch, repeats) if rank == 0 else None
+        visual = visual_per_layer(handle, n_visual, layers)
+        flops, kv = prefill_cost(cfg, timing_batch, visual, model.dtype)
+        overlay = _first_reductions(handle, int(n_visual[0]), overlays) if (
+            handle is not None and overlays and handle.last is not None) else None
+        return Row(name, keep_label(keep), stage, visual[0], float(np.mean(visual)), acc, latency_ms=ms,
+                   gflops=flops / 1e9, kv_bytes=kv, predictions=preds), overlay
+
     t_start = time.perf_counter()
-    with bar_cm as bar:
-        task = bar.add_task("bench", total=len(configs) * len(mine), info="") if bar is not None else None
-        for name, keep in configs:
-            label = keep_label(keep)
-            config = f"{name}@{label}"
-            if config in done:
-                rows.append(Row(**done[config]["row"]))
-                if done[config].get("overlay") is not None:
-                    overlay_data[config] = _overlay_from_json(done[config]["overlay"])
-                if bar is not None:
-                    bar.advance(task, len(mine))
-                continue
-            if bar is not None:
-                bar.update(task, info=f"{name} keep={label}")
-            stage = "-" if keep is None else get_method(name).stage
-            handle = None
-            try:
-                if keep is not None:
-                    handle = apply(model, name, keep=keep)
-                local = answer(model, processor, batches, mine, max_new_tokens,
-                               on_batch=(lambda: bar.advance(task)) if bar is not None else None)
-                merged = gather_answers(local, world)
-                preds = [a for i in range(len(batches)) for a in merged[i]]
-                acc = accuracy_by_type(preds, exs)
-                ms = prefill_ms(model, timing_batch, repeats) if rank == 0 else None
-                visual = visual_per_layer(handle, n_visual, layers)
-                flops, kv = prefill_cost(cfg, timing_batch, visual, model.dtype)
-                if handle is not None and overlays and handle.last is not None:
-                    overlay_data[config] = _first_reductions(handle, int(n_visual[0]), overlays)
-                rows.append(Row(name, label, stage, visual[0], float(np.mean(visual)), acc, latency_ms=ms,
-                                gflops=flops / 1e9, kv_bytes=kv,
-                                predictions=preds))
-            except (ValueError, TypeError, NotImplementedError) as err:
-                rows.append(Row(name, label, stage, float("nan"), float("nan"), {}, error=str(err)))
-                if bar is not None:
-                    bar.advance(task, len(mine))
-            finally:
-                if handle is not None:
-                    handle.remove()
-            if partial is not None and rows[-1].error is None:  # errors are cheap to find again: not kept
-                append_partial(partial, {"key": keys[config], "row": asdict(rows[-1]),
-                                         "overlay": _overlay_to_json(overlay_data.get(config))})
-    full = rows[0]
-    for r in rows:
-        if r.accuracy and full.accuracy.get("overall"):
-            r.relative = r.accuracy["overall"] / full.accuracy["overall"]
-        if r.latency_ms and full.latency_ms:
-            r.speedup = full.latency_ms / r.latency_ms
+    with progress_bar(progress and rank == 0) as bar:
+        rows, overlay_data = run_configs(model, configs, done, measure, bar=bar, label="bench", units=len(mine),
+                                         partial=partial, keys=keys, extra="overlay", to_json=_overlay_to_json,
+                                         from_json=_overlay_from_json)
     report = {
         "model": str(model_path) if model_path is not None else "micro_llava (shipped)",
         "questions": len(exs), "qtypes": [t for t in QTYPES if any(e.qtype == t for e in exs)],

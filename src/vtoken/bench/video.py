@@ -33,7 +33,6 @@ from .errors import UsageError, user_input
 from .run import (
     PARTIAL,
     Row,
-    append_partial,
     broadcast,
     check_device,
     check_keeps,
@@ -44,6 +43,7 @@ from .run import (
     model_fingerprint,
     prefill_ms,
     read_partial,
+    run_configs,
     visual_per_layer,
     writable_dir,
 )
@@ -110,7 +110,7 @@ def run_video_bench(model_path: str | Path | None = None, methods: Sequence[str]
     """Run the video bench; returns the report dictionary (written to ``out_dir`` on rank 0). Arguments as
     :func:`vtoken.bench.run.run_bench`; ``limit`` defaults to :data:`DEFAULT_VIDEO_LIMIT` questions (``None``: all),
     ``strips`` example clips get a strip per method and budget."""
-    from ..models import apply, find_adapter
+    from ..models import find_adapter
     from .report import write_report
 
     rank, world = dist_context()
@@ -176,63 +176,27 @@ def run_video_bench(model_path: str | Path | None = None, methods: Sequence[str]
     done = broadcast(done, world)
     say(f"bench video: {len(configs)} configurations x {len(exs)} questions ({len(batches)} batches of "
         f"{batch_size}" + (f", {world} processes" if world > 1 else "") + ")")
-    rows: list[Row] = []
-    strip_data: dict[str, Any] = {}
+    def measure(name: str, keep: int | float | None, stage: str, handle: Any,
+                advance: Callable[[], None] | None) -> tuple[Row, Any]:
+        local = answer_videos(model, processor, batches, mine, max_new_tokens, on_batch=advance)
+        merged = gather_answers(local, world)
+        preds = [a for i in range(len(batches)) for a in merged[i]]
+        acc = C.accuracy_by_type(preds, exs)
+        ms = prefill_ms(model, timing, repeats) if rank == 0 else None
+        visual = visual_per_layer(handle, n_visual, layers)
+        flops, kv = video_cost(cfg, timing, visual, model.dtype)
+        counts = kept_per_step(handle, steps, per_step) if handle is not None else [float(per_step)] * steps
+        row = Row(name, keep_label(keep), stage, visual[0], float(np.mean(visual)), acc, latency_ms=ms,
+                  gflops=flops / 1e9, kv_bytes=kv, predictions=preds, frame_counts=counts)
+        red = handle.last if handle is not None else None
+        strip = {"indices": red.indices[:strips].tolist(), "mask": red.mask[:strips].tolist()} if (
+            red is not None and strips) else None
+        return row, strip
+
     t0 = time.perf_counter()
     with progress_bar(progress and rank == 0) as bar:
-        task = bar.add_task("bench video", total=len(configs) * len(mine), info="") if bar is not None else None
-        for name, keep in configs:
-            config = f"{name}@{keep_label(keep)}"
-            if config in done:
-                rows.append(Row(**done[config]["row"]))
-                if done[config].get("strip") is not None:
-                    strip_data[config] = done[config]["strip"]
-                if bar is not None:
-                    bar.advance(task, len(mine))
-                continue
-            if bar is not None:
-                bar.update(task, info=f"{name} keep={keep_label(keep)}")
-            stage = "-" if keep is None else get_method(name).stage
-            handle = None
-            try:
-                if keep is not None:
-                    handle = apply(model, name, keep=keep)
-                local = answer_videos(model, processor, batches, mine, max_new_tokens,
-                                      on_batch=(lambda: bar.advance(task)) if bar is not None else None)
-                merged = gather_answers(local, world)
-                preds = [a for i in range(len(batches)) for a in merged[i]]
-                acc = C.accuracy_by_type(preds, exs)
-                ms = prefill_ms(model, timing, repeats) if rank == 0 else None
-                visual = visual_per_layer(handle, n_visual, layers) if handle is None or handle.last is not None \
-                    else [float(n_visual.float().mean())] * layers
-                if handle is not None and handle.video is not None and not handle.last.extras.get("llm"):
-                    visual = [float(handle.video.mask.sum(1).float().mean())] * layers
-                flops, kv = video_cost(cfg, timing, visual, model.dtype)
-                row = Row(name, keep_label(keep), stage, visual[0], float(np.mean(visual)), acc, latency_ms=ms,
-                          gflops=flops / 1e9, kv_bytes=kv, predictions=preds,
-                          frame_counts=kept_per_step(handle, steps, per_step) if handle is not None
-                          else [float(per_step)] * steps)
-                rows.append(row)
-                if handle is not None and strips and handle.video is not None:
-                    red = handle.video
-                    strip_data[config] = {"indices": red.indices[:strips].tolist(),
-                                          "mask": red.mask[:strips].tolist()}
-            except (ValueError, TypeError, NotImplementedError) as err:
-                rows.append(Row(name, keep_label(keep), stage, float("nan"), float("nan"), {}, error=str(err)))
-                if bar is not None:
-                    bar.advance(task, len(mine))
-            finally:
-                if handle is not None:
-                    handle.remove()
-            if partial is not None and rows[-1].error is None:
-                append_partial(partial, {"key": keys[config], "row": asdict(rows[-1]),
-                                         "strip": strip_data.get(config)})
-    full = rows[0]
-    for r in rows:
-        if r.accuracy and full.accuracy.get("overall"):
-            r.relative = r.accuracy["overall"] / full.accuracy["overall"]
-        if r.latency_ms and full.latency_ms:
-            r.speedup = full.latency_ms / r.latency_ms
+        rows, strip_data = run_configs(model, configs, done, measure, bar=bar, label="bench video", units=len(mine),
+                                       partial=partial, keys=keys, extra="strip")
     report = {"suite": "video", "model": str(model_path) if model_path is not None else "micro_video (shipped)",
               "questions": len(exs), "qtypes": [t for t in C.QTYPES if any(e.qtype == t for e in exs)],
               "majority_baseline": {k: v[1] for k, v in C.majority_baseline(exs).items()},
