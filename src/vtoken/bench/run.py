@@ -407,6 +407,20 @@ def check_keeps(keeps: Sequence[str]) -> list[int | float | None]:
     return values
 
 
+def check_out_dir(out_dir: str | Path | None, rank: int, world: int) -> None:
+    """Rank 0 probes ``out_dir`` for writing (:func:`writable_dir`); every rank raises its
+    :class:`~.errors.UsageError` (so no rank is left waiting on the others)."""
+    problem = None
+    if rank == 0 and out_dir is not None:
+        try:
+            writable_dir(out_dir)
+        except UsageError as err:
+            problem = str(err)
+    problem = broadcast(problem, world)
+    if problem:
+        raise UsageError(problem)
+
+
 def run_configs(model: nn.Module, configs: Sequence[tuple[str, int | float | None]], done: dict[str, Any],
                 measure: Callable[..., tuple[Row, Any]], *, bar: Any, label: str, units: int, partial: Path | None,
                 keys: dict[str, dict[str, Any]], extra: str, to_json: Callable[[Any], Any] = lambda x: x,
@@ -495,15 +509,7 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
     check_device(device)
     source, _ = resolve_model(model_path, allow_download)
     model_arg = f"--model {model_path if model_path is not None else source}"
-    problem = None
-    if rank == 0 and out_dir is not None:
-        try:
-            writable_dir(out_dir)
-        except UsageError as err:
-            problem = str(err)
-    problem = broadcast(problem, world)
-    if problem:
-        raise UsageError(problem)
+    check_out_dir(out_dir, rank, world)
     exs = examples if examples is not None else load_default_test_set()
     if limit is not None:
         exs = exs[:limit]

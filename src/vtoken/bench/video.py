@@ -37,6 +37,7 @@ from .run import (
     check_device,
     check_keeps,
     check_methods,
+    check_out_dir,
     dist_context,
     gather_answers,
     keep_label,
@@ -45,7 +46,6 @@ from .run import (
     read_partial,
     run_configs,
     visual_per_layer,
-    writable_dir,
 )
 from .videoqa import VIDEO_ID, answer_videos, load_video_model, prepare_video_batches
 
@@ -128,15 +128,7 @@ def run_video_bench(model_path: str | Path | None = None, methods: Sequence[str]
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder}: no video model there (config.json missing); train one with "
                                 "`vtoken train-micro --only video --install` or pass --model FOLDER")
-    problem = None
-    if rank == 0 and out_dir is not None:
-        try:
-            writable_dir(out_dir)
-        except UsageError as err:
-            problem = str(err)
-    problem = broadcast(problem, world)
-    if problem:
-        raise UsageError(problem)
+    check_out_dir(out_dir, rank, world)
     exs = examples if examples is not None else C.load_default_test_set()
     exs = exs[:limit] if limit is not None else exs
     if not exs:
