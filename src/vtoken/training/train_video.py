@@ -8,12 +8,13 @@ The image model's recipe (:mod:`vtoken.training.train_llava`), for clips:
    ``tower_batch`` clips: many different collages a step rather than the correlated steps of a few clips. The
    test clips' cells are read back every 200 steps (``test_cell_acc``: occupied cells, each by the majority of its
    tokens).
-2. **Language model** (``lm_steps``): the tower is frozen and its features computed per batch without gradients;
-   the language model learns to answer. A training sequence is one clip followed by every question it was drawn
-   with (:func:`~vtoken.bench.clips.make_clips`, up to 7 types), each turn attending to the clip and to itself only,
-   at the M-RoPE positions a single-turn prompt has (``get_rope_index`` of the model): one pass trains several
-   single-turn examples. Scored every ``eval_every`` steps by teacher forcing on a subset of the shipped test clips
-   (every answer is one word, so the argmax at the prompt's end is greedy decoding's answer).
+2. **Language model** (``lm_steps``): the tower's blocks are frozen; its patch merger (the projector between tower
+   and language model: Qwen has no other) and the language model learn to answer. A training sequence is one clip
+   followed by every question it was drawn with (:func:`~vtoken.bench.clips.make_clips`, up to 7 types), each turn
+   attending to the clip and to itself only, at the M-RoPE positions a single-turn prompt has (``get_rope_index``
+   of the model): one pass trains several single-turn examples. Scored every ``eval_every`` steps by teacher
+   forcing on a subset of the shipped test clips (every answer is one word, so the argmax at the prompt's end is
+   greedy decoding's answer).
 
 Everything random derives from ``seed`` (batch ``s`` of stage ``k`` from ``SeedSequence([seed, k, s])``), so a run
 resumes from ``<out>/checkpoint.pt`` to the same weights; ``<out>/tower.pt`` keeps stage 1. Outputs in ``out_dir``:
@@ -224,7 +225,7 @@ def train_video(out_dir: str | Path, *, seed: int = 0, clips: int = 20000, tower
 
         state["stage"], state["step"] = stage, step
         params = [*visual.parameters(), *head.parameters()] if stage == "tower" else [
-            p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+            p for n, p in model.named_parameters() if not n.startswith("model.visual.") or ".merger." in n]
         state["opt"] = torch.optim.AdamW(params, lr=lrs[stage], weight_decay=0.01)
         state["sched"] = get_cosine_schedule_with_warmup(state["opt"], max(1, round(0.05 * steps[stage])),
                                                          max(1, steps[stage]))
@@ -319,11 +320,11 @@ def train_video(out_dir: str | Path, *, seed: int = 0, clips: int = 20000, tower
         # ---- stage 2: the language model on the frozen tower
         if state["stage"] == "lm":
             visual.eval().requires_grad_(False)
+            visual.merger.requires_grad_(True)  # the merger learns on: the projector between tower and LM
         while state["stage"] == "lm" and state["step"] < lm_steps and done() < limit:
             r = rng()
             idx = r.choice(len(group_list), lm_batch, replace=False)
-            with torch.no_grad():
-                feats, grid = clip_features(model, [frames_of(group_list[i]) for i in idx])
+            feats, grid = clip_features(model, [frames_of(group_list[i]) for i in idx])  # grads: the merger only
             turns = [[(e.question, e.answer) for e in (group_list[i][j] for j in r.permutation(len(group_list[i])))]
                      for i in idx]
             ids, labels, mask, pos = seqs.batch(turns, grid)
