@@ -88,12 +88,9 @@ class ClipSpec:
 
     def cells_at(self, step: int) -> np.ndarray:
         """Class id per cell at ``step`` (``[rows, cols]``, ``-1`` empty)."""
-        out = np.full(self.rows * self.cols, -1, np.int64)
-        for obj in self.objects:
-            cls, _, _, appear, leave, cell, move_step, move_cell = (int(v) for v in obj)
-            if appear <= step < leave:
-                out[move_cell if 0 <= move_step <= step else cell] = cls
-        return out.reshape(self.rows, self.cols)
+        at = self.object_at(step)
+        return np.where(at >= 0, self.field("cls")[np.maximum(at, 0)] if len(self.objects) else -1,
+                        -1).reshape(self.rows, self.cols)
 
     def object_at(self, step: int) -> np.ndarray:
         """Object index per cell at ``step`` (``[rows * cols]``, ``-1`` empty)."""

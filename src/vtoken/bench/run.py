@@ -421,6 +421,22 @@ def check_out_dir(out_dir: str | Path | None, rank: int, world: int) -> None:
         raise UsageError(problem)
 
 
+def resume_state(partial: Path | None, configs: Sequence[tuple[str, int | float | None]], resume: bool, world: int,
+                 settings: Callable[[], dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``(keys, done)``: each configuration's ``partial.jsonl`` key (``settings()`` plus method and keep) and the
+    records already there (``resume``; otherwise the file is restarted), rank 0's view broadcast to every rank."""
+    keys: dict[str, dict[str, Any]] = {}
+    done: dict[str, Any] = {}
+    if partial is not None:
+        base = settings()
+        keys = {f"{n}@{keep_label(k)}": {**base, "method": n, "keep": keep_label(k)} for n, k in configs}
+        if resume:
+            done = read_partial(partial, keys)
+        elif partial.exists():
+            partial.unlink()
+    return keys, broadcast(done, world)
+
+
 def run_configs(model: nn.Module, configs: Sequence[tuple[str, int | float | None]], done: dict[str, Any],
                 measure: Callable[..., tuple[Row, Any]], *, bar: Any, label: str, units: int, partial: Path | None,
                 keys: dict[str, dict[str, Any]], extra: str, to_json: Callable[[Any], Any] = lambda x: x,
@@ -544,19 +560,10 @@ def run_bench(model_path: str | Path | None = None, methods: Sequence[str] | Non
     timing_batch = batches[0]
     n_visual = _num_visual(timing_batch, image_id)
     partial = Path(out_dir) / PARTIAL if rank == 0 and out_dir is not None else None
-    keys: dict[str, dict[str, Any]] = {}
-    done: dict[str, dict[str, Any]] = {}
-    if partial is not None:
-        settings = {"model": model_fingerprint(source), "data": examples_fingerprint(exs), "questions": len(exs),
-                    "limit": limit, "batch_size": batch_size, "repeats": repeats, "overlays": overlays,
-                    "max_new_tokens": max_new_tokens, "device": str(next(model.parameters()).device),
-                    "dtype": str(model.dtype)}
-        keys = {f"{n}@{keep_label(k)}": {**settings, "method": n, "keep": keep_label(k)} for n, k in configs}
-        if resume:
-            done = read_partial(partial, keys)
-        elif partial.exists():
-            partial.unlink()
-    done = broadcast(done, world)
+    keys, done = resume_state(partial, configs, resume, world, lambda: {
+        "model": model_fingerprint(source), "data": examples_fingerprint(exs), "questions": len(exs),
+        "limit": limit, "batch_size": batch_size, "repeats": repeats, "overlays": overlays,
+        "max_new_tokens": max_new_tokens, "device": str(next(model.parameters()).device), "dtype": str(model.dtype)})
     say(f"bench: {len(configs)} configurations x {len(exs)} questions ({len(batches)} batches of {batch_size}"
         + (f", {world} processes" if world > 1 else "") + ")")
     if done:

@@ -33,7 +33,6 @@ from .errors import UsageError, user_input
 from .run import (
     PARTIAL,
     Row,
-    broadcast,
     check_device,
     check_keeps,
     check_methods,
@@ -43,7 +42,7 @@ from .run import (
     keep_label,
     model_fingerprint,
     prefill_ms,
-    read_partial,
+    resume_state,
     run_configs,
     visual_per_layer,
 )
@@ -154,18 +153,10 @@ def run_video_bench(model_path: str | Path | None = None, methods: Sequence[str]
     steps = int(timing["video_grid_thw"][0, 0])
     per_step = int(n_visual[0]) // steps
     partial = Path(out_dir) / PARTIAL if rank == 0 and out_dir is not None else None
-    keys: dict[str, dict[str, Any]] = {}
-    done: dict[str, dict[str, Any]] = {}
-    if partial is not None:
-        settings = {"suite": "video", "model": model_fingerprint(str(folder)), "data": _examples_digest(exs),
-                    "questions": len(exs), "batch_size": batch_size, "repeats": repeats, "strips": strips,
-                    "max_new_tokens": max_new_tokens, "device": str(next(model.parameters()).device)}
-        keys = {f"{n}@{keep_label(k)}": {**settings, "method": n, "keep": keep_label(k)} for n, k in configs}
-        if resume:
-            done = read_partial(partial, keys)
-        elif partial.exists():
-            partial.unlink()
-    done = broadcast(done, world)
+    keys, done = resume_state(partial, configs, resume, world, lambda: {
+        "suite": "video", "model": model_fingerprint(str(folder)), "data": _examples_digest(exs),
+        "questions": len(exs), "batch_size": batch_size, "repeats": repeats, "strips": strips,
+        "max_new_tokens": max_new_tokens, "device": str(next(model.parameters()).device)})
     say(f"bench video: {len(configs)} configurations x {len(exs)} questions ({len(batches)} batches of "
         f"{batch_size}" + (f", {world} processes" if world > 1 else "") + ")")
     def measure(name: str, keep: int | float | None, stage: str, handle: Any,

@@ -66,11 +66,9 @@ _TOWER_KEYS = ("seed", "clips", "tower_steps", "tower_batch", "tower_lr", "visio
 def token_labels(spec: C.ClipSpec, per_side: int) -> Tensor:
     """``[steps * per_side^2]`` long: what the cell of each merged token holds at its step (class id, 10 empty), in
     the tower's token order (step, row, column)."""
-    cells = np.stack([spec.cells_at(s) for s in range(spec.steps)])                  # [T, rows, cols]
-    r = np.arange(per_side) * spec.rows // per_side
-    c = np.arange(per_side) * spec.cols // per_side
-    lab = cells[:, r][:, :, c]                                                        # [T, side, side]
-    return torch.as_tensor(np.where(lab >= 0, lab, _EMPTY).reshape(-1))
+    cells = np.stack([spec.cells_at(s) for s in range(spec.steps)]).reshape(-1)          # [(step, cell)]
+    lab = cells[_token_cells(spec, per_side).numpy()]
+    return torch.as_tensor(np.where(lab >= 0, lab, _EMPTY))
 
 
 def clip_features(model: nn.Module, frames: list[np.ndarray]) -> tuple[Tensor, Tensor]:
